@@ -12,6 +12,8 @@
 //! | pod `m` on node `k`, where it listens | `127.<30+k>.<slot>.<m>`                |
 //! | local cloud API                     | `127.20.<slot>.251:8900`                 |
 //! | local cloud address pool            | `127.22.<slot>.1` – `127.22.<slot>.254`  |
+//! | operator metrics                    | `127.20.<slot>.252:8080`                 |
+//! | clients in tests                    | `127.23.<slot>.<n>`                      |
 //!
 //! The API server rejects loopback pod IPs in Endpoints, hence the reported `10.244.0.0/16`
 //! range; [`AddressPlan::pod_listen_address`] maps a reported pod IP to its real listener.
@@ -69,7 +71,11 @@ impl AddressPlan {
     /// outside the pod range, which must never be dialed.
     pub fn pod_listen_address(&self, reported: Ipv4Addr) -> Option<Ipv4Addr> {
         let [a, b, k, m] = reported.octets();
-        if a == 10 && b == 244 && (1..=MAX_NODES).contains(&k) && m >= 1 && m <= MAX_PODS_PER_NODE {
+        if a == 10
+            && b == 244
+            && (1..=MAX_NODES).contains(&k)
+            && (1..=MAX_PODS_PER_NODE).contains(&m)
+        {
             Some(Ipv4Addr::new(127, 30 + k, self.slot, m))
         } else {
             None
@@ -78,6 +84,16 @@ impl AddressPlan {
 
     pub fn local_cloud_api(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::new(127, 20, self.slot, 251), 8900))
+    }
+
+    pub fn operator_metrics(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::new(127, 20, self.slot, 252), 8080))
+    }
+
+    /// A source address for test client `n`, distinct per cluster so affinity and source-range
+    /// tests can act as several clients.
+    pub fn client_ip(&self, n: u8) -> Ipv4Addr {
+        Ipv4Addr::new(127, 23, self.slot, n)
     }
 
     /// The first and last address of the local cloud's pool for this cluster.

@@ -52,7 +52,6 @@ pub struct LoadBalancerSpec {
 /// The two families of load balancer every cloud offers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "type")]
-#[non_exhaustive]
 pub enum Frontend {
     /// Passthrough L4 (a Service of type LoadBalancer): AWS NLB, GCP passthrough NLB.
     Network(NetworkFrontend),

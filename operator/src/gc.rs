@@ -1,0 +1,135 @@
+//! Garbage collection of load balancers whose Service is gone.
+//!
+//! Finalizers normally make this unnecessary; it catches what they cannot: a finalizer removed
+//! by hand, a Service force-deleted while the operator was down.
+
+use std::collections::HashMap;
+
+use k8s_openapi::api::core::v1::Service;
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+use portico_provider::{ObservedLoadBalancer, Provider};
+
+use crate::error::{Result, kube_call};
+use crate::service::FINALIZER;
+use crate::service::class::ClassPolicy;
+
+/// Which owned load balancers have no Service that still wants them. Pure.
+///
+/// `services` must be listed *after* `owned`: a load balancer is created only once its Service
+/// exists, so every live owner is then in `services`.
+pub fn orphans<'a>(
+    owned: &'a [ObservedLoadBalancer],
+    services: &[Service],
+    classes: &ClassPolicy,
+) -> Vec<&'a ObservedLoadBalancer> {
+    let by_uid: HashMap<String, &Service> = services
+        .iter()
+        .filter_map(|s| Some((s.uid()?, s)))
+        .collect();
+    owned
+        .iter()
+        .filter(|lb| lb.owner.object_ref.starts_with("Service/"))
+        .filter(|lb| match by_uid.get(&lb.owner.object_uid) {
+            None => true,
+            Some(svc) => {
+                !classes.wants_load_balancer(svc)
+                    && !svc.finalizers().iter().any(|f| f == FINALIZER)
+            }
+        })
+        .collect()
+}
+
+/// Deletes orphaned load balancers of `cluster_id`; returns how many.
+pub async fn collect(
+    client: &Client,
+    provider: &dyn Provider,
+    cluster_id: &str,
+    classes: &ClassPolicy,
+) -> Result<usize> {
+    let owned = provider.list_owned(cluster_id).await?;
+    let services = kube_call(
+        "listing Services for garbage collection",
+        Api::<Service>::all(client.clone()).list(&ListParams::default()),
+    )
+    .await?
+    .items;
+    let mut deleted = 0;
+    for lb in orphans(&owned, &services, classes) {
+        tracing::info!(load_balancer = %lb.name, owner = %lb.owner.object_ref, "deleting orphaned load balancer");
+        provider.delete(&lb.name, &lb.owner).await?;
+        deleted += 1;
+    }
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ServiceSpec;
+    use portico_provider::{LoadBalancerName, LoadBalancerStatus, Ownership};
+
+    fn lb(uid: &str, kind: &str) -> ObservedLoadBalancer {
+        ObservedLoadBalancer {
+            name: LoadBalancerName::for_object_uid(uid),
+            owner: Ownership {
+                cluster_id: "c".into(),
+                object_uid: uid.into(),
+                object_ref: format!("{kind}/ns/x"),
+            },
+            status: LoadBalancerStatus::default(),
+        }
+    }
+
+    fn svc(uid: &str, type_: &str, finalized: bool) -> Service {
+        Service {
+            metadata: kube::api::ObjectMeta {
+                uid: Some(uid.into()),
+                finalizers: finalized.then(|| vec![FINALIZER.to_string()]),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                type_: Some(type_.into()),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn classes() -> ClassPolicy {
+        ClassPolicy {
+            classes: vec!["portico.dev/local".into()],
+            serve_unclassed: true,
+        }
+    }
+
+    #[test]
+    fn load_balancers_of_live_services_are_kept() {
+        let owned = [lb("u1", "Service")];
+        assert!(orphans(&owned, &[svc("u1", "LoadBalancer", true)], &classes()).is_empty());
+    }
+
+    #[test]
+    fn load_balancers_of_vanished_services_are_orphans() {
+        let owned = [lb("u1", "Service"), lb("u2", "Service")];
+        let found = orphans(&owned, &[svc("u1", "LoadBalancer", true)], &classes());
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].owner.object_uid, "u2");
+    }
+
+    #[test]
+    fn a_service_still_being_cleaned_up_keeps_its_load_balancer_for_the_reconciler() {
+        let owned = [lb("u1", "Service")];
+        assert!(orphans(&owned, &[svc("u1", "ClusterIP", true)], &classes()).is_empty());
+        assert_eq!(
+            orphans(&owned, &[svc("u1", "ClusterIP", false)], &classes()).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn load_balancers_of_other_kinds_are_left_to_their_controller() {
+        let owned = [lb("u9", "Ingress")];
+        assert!(orphans(&owned, &[], &classes()).is_empty());
+    }
+}

@@ -1,0 +1,11 @@
+//! Portico's controllers: Services of type LoadBalancer (and, later, Ingresses) become external
+//! load balancers through a [`portico_provider::Provider`].
+
+pub mod backoff;
+pub mod error;
+pub mod gc;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod node_set;
+pub mod service;

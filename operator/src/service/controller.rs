@@ -1,0 +1,475 @@
+//! The Service controller: reconcile and error policy, in the shape of kube-rs controllers.
+//!
+//! Desired state comes from pure code ([`super::translate`], [`super::status`]); this module
+//! only reads the caches, calls the provider and writes the results back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use portico_provider::{LoadBalancerSpec, Provider, ProviderError};
+use serde_json::json;
+
+use super::FINALIZER;
+use super::class::ClassPolicy;
+use super::nodes::eligible_nodes;
+use super::status;
+use super::translate::{desired_load_balancer, load_balancer_name, ownership};
+use crate::backoff::Backoff;
+use crate::error::{Error, Result, kube_call};
+use crate::metrics::Metrics;
+
+const CONTROLLER: &str = "service";
+/// How long an ensure may run before the Service says it is provisioning; fast providers
+/// finish first and save the extra status write.
+const PROGRESS_AFTER: Duration = Duration::from_millis(500);
+
+/// How the controller behaves, from the command line.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub classes: ClassPolicy,
+    pub cluster_id: String,
+    /// How often a served load balancer is ensured again even if nothing changed, to repair
+    /// drift on the provider's side.
+    pub resync: Duration,
+}
+
+/// What the controller needs, shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub provider: Arc<dyn Provider>,
+    pub nodes: Store<Node>,
+    pub classes: ClassPolicy,
+    pub cluster_id: String,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub backoff: Backoff,
+    /// The last spec ensured per Service UID and when, to skip cloud calls when a reconcile
+    /// was only triggered by our own status write.
+    ensured: Mutex<HashMap<String, (LoadBalancerSpec, Instant)>>,
+    /// How often a served load balancer is ensured again even if nothing changed, to repair
+    /// drift on the provider's side.
+    pub resync: Duration,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        provider: Arc<dyn Provider>,
+        nodes: Store<Node>,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+    ) -> Self {
+        Context {
+            client,
+            provider,
+            nodes,
+            classes: settings.classes,
+            cluster_id: settings.cluster_id,
+            recorder,
+            metrics,
+            backoff: Backoff::default(),
+            ensured: Mutex::default(),
+            resync: settings.resync,
+        }
+    }
+
+    fn recently_ensured(&self, uid: &str, spec: &LoadBalancerSpec) -> Option<Duration> {
+        let ensured = self.ensured.lock().expect("ensured lock");
+        let (last, at) = ensured.get(uid)?;
+        let age = at.elapsed();
+        (last == spec && age < self.resync).then(|| self.resync - age)
+    }
+}
+
+fn key(svc: &Service) -> String {
+    format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any())
+}
+
+fn has_finalizer(svc: &Service) -> bool {
+    svc.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let result = reconcile_service(&svc, &ctx).await;
+    ctx.metrics.reconciled(
+        CONTROLLER,
+        started.elapsed(),
+        result.as_ref().err().map(Error::metric_label),
+    );
+    if result.is_ok() {
+        ctx.backoff.reset(&key(&svc));
+    }
+    result
+}
+
+/// Provider-requested delays are honoured; invalid input waits for a change (with a slow
+/// resync in case the cause lies elsewhere); anything else backs off exponentially.
+pub fn error_policy(svc: Arc<Service>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(service = %key(&svc), %error, "reconcile failed");
+    match error {
+        Error::InvalidService(_) => Action::await_change(),
+        Error::Provider(e) if e.retry_after().is_some() => {
+            Action::requeue(e.retry_after().unwrap_or(crate::backoff::BASE))
+        }
+        Error::Provider(e) if e.is_permanent() => Action::requeue(crate::backoff::MAX),
+        _ => Action::requeue(ctx.backoff.next_delay(&key(&svc))),
+    }
+}
+
+async fn reconcile_service(svc: &Service, ctx: &Context) -> Result<Action> {
+    let wants = ctx.classes.wants_load_balancer(svc) && svc.meta().deletion_timestamp.is_none();
+    if wants {
+        ensure(svc, ctx).await
+    } else if has_finalizer(svc) {
+        cleanup(svc, ctx).await
+    } else {
+        // Not ours, or nothing left to clean: never touch it.
+        Ok(Action::await_change())
+    }
+}
+
+async fn ensure(svc: &Service, ctx: &Context) -> Result<Action> {
+    let uid = svc.uid().unwrap_or_default();
+    let nodes = eligible_nodes(ctx.nodes.state().iter().map(|n| n.as_ref()));
+    let desired = match desired_load_balancer(&ctx.cluster_id, svc, &nodes) {
+        Ok(d) => d,
+        Err(invalid) => {
+            // Reported, not retried hot: the same spec would fail the same way.
+            publish(
+                ctx,
+                svc,
+                EventType::Warning,
+                "SyncLoadBalancerFailed",
+                &format!("Error syncing load balancer: {invalid}"),
+            )
+            .await;
+            set_condition(ctx, svc, "False", "InvalidService", &invalid.to_string()).await?;
+            return Err(Error::InvalidService(invalid));
+        }
+    };
+
+    if let Some(wait) = ctx.recently_ensured(&uid, &desired) {
+        let current_ok = status::current_condition(svc).is_some_and(|c| c.status == "True");
+        if current_ok {
+            return Ok(Action::requeue(wait));
+        }
+    }
+
+    // Before anything exists in the cloud, so a deleted Service can never leak it.
+    if !has_finalizer(svc) {
+        add_finalizer(ctx, svc).await?;
+    }
+
+    let changed = ctx
+        .ensured
+        .lock()
+        .expect("ensured lock")
+        .get(&uid)
+        .is_none_or(|(last, _)| *last != desired);
+    if changed {
+        publish(
+            ctx,
+            svc,
+            EventType::Normal,
+            "EnsuringLoadBalancer",
+            "Ensuring load balancer",
+        )
+        .await;
+        if nodes.is_empty() {
+            publish(
+                ctx,
+                svc,
+                EventType::Warning,
+                "UnAvailableLoadBalancer",
+                "There are no available nodes for LoadBalancer",
+            )
+            .await;
+        }
+    }
+
+    let provider = ctx.provider.name();
+    let outcome = {
+        let ensure = ctx.provider.ensure(&desired);
+        tokio::pin!(ensure);
+        tokio::select! {
+            r = &mut ensure => r,
+            _ = tokio::time::sleep(PROGRESS_AFTER) => {
+                let message = format!("ensuring load balancer {} with the {provider} provider", desired.name);
+                set_condition(ctx, svc, "Unknown", "Provisioning", &message).await?;
+                ensure.await
+            }
+        }
+    };
+    ctx.metrics
+        .provider_call(provider, "ensure", outcome.is_ok());
+
+    match outcome {
+        Ok(lb_status) => {
+            let desired_status = status::load_balancer_status(&lb_status);
+            let addresses: Vec<String> = desired_status
+                .ingress
+                .iter()
+                .flatten()
+                .filter_map(|i| i.ip.clone().or_else(|| i.hostname.clone()))
+                .collect();
+            let message = format!(
+                "load balancer {} serves {} port(s) at {}",
+                desired.name,
+                lb_status.ports.len(),
+                addresses.join(", ")
+            );
+            write_status(
+                ctx,
+                svc,
+                Some(&desired_status),
+                Some(("True", "Ensured", &message)),
+            )
+            .await?;
+            if changed {
+                publish(
+                    ctx,
+                    svc,
+                    EventType::Normal,
+                    "EnsuredLoadBalancer",
+                    "Ensured load balancer",
+                )
+                .await;
+            }
+            ctx.ensured
+                .lock()
+                .expect("ensured lock")
+                .insert(uid, (desired, Instant::now()));
+            Ok(Action::requeue(ctx.resync))
+        }
+        Err(e) => {
+            ctx.ensured.lock().expect("ensured lock").remove(&uid);
+            let (cond_status, reason) = match &e {
+                ProviderError::RetryAfter { .. } => ("Unknown", "Provisioning"),
+                other => ("False", other.reason()),
+            };
+            if !matches!(e, ProviderError::RetryAfter { .. }) {
+                publish(
+                    ctx,
+                    svc,
+                    EventType::Warning,
+                    "SyncLoadBalancerFailed",
+                    &format!("Error syncing load balancer: {e}"),
+                )
+                .await;
+            }
+            set_condition(ctx, svc, cond_status, reason, &e.to_string()).await?;
+            Err(Error::Provider(e))
+        }
+    }
+}
+
+async fn cleanup(svc: &Service, ctx: &Context) -> Result<Action> {
+    let name = load_balancer_name(svc);
+    let owner = ownership(&ctx.cluster_id, svc);
+    publish(
+        ctx,
+        svc,
+        EventType::Normal,
+        "DeletingLoadBalancer",
+        "Deleting load balancer",
+    )
+    .await;
+    let deleted = ctx.provider.delete(&name, &owner).await;
+    ctx.metrics
+        .provider_call(ctx.provider.name(), "delete", deleted.is_ok());
+    if let Err(e) = deleted {
+        publish(
+            ctx,
+            svc,
+            EventType::Warning,
+            "DeleteLoadBalancerFailed",
+            &format!("Error deleting load balancer: {e}"),
+        )
+        .await;
+        return Err(Error::Provider(e));
+    }
+    ctx.ensured
+        .lock()
+        .expect("ensured lock")
+        .remove(&svc.uid().unwrap_or_default());
+    publish(
+        ctx,
+        svc,
+        EventType::Normal,
+        "DeletedLoadBalancer",
+        "Deleted load balancer",
+    )
+    .await;
+    // A Service that stays (its type changed) must not keep advertising a dead address.
+    if svc.meta().deletion_timestamp.is_none() {
+        write_status(ctx, svc, Some(&Default::default()), None).await?;
+        if let Some(conditions) = status::conditions_without_ours(svc) {
+            patch_status(ctx, svc, json!({ "status": { "conditions": conditions } })).await?;
+        }
+    }
+    remove_finalizer(ctx, svc).await?;
+    Ok(Action::await_change())
+}
+
+fn api(ctx: &Context, svc: &Service) -> Api<Service> {
+    Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default())
+}
+
+/// Finalizer lists are written whole with the resourceVersion read, so a concurrent change
+/// fails with a conflict instead of being overwritten.
+async fn write_finalizers(ctx: &Context, svc: &Service, finalizers: Vec<String>) -> Result<()> {
+    let patch = json!({
+        "metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": svc.resource_version(),
+        }
+    });
+    kube_call(
+        "writing finalizers",
+        api(ctx, svc).patch(
+            &svc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        ),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn add_finalizer(ctx: &Context, svc: &Service) -> Result<()> {
+    let mut finalizers = svc.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_string());
+    write_finalizers(ctx, svc, finalizers).await
+}
+
+async fn remove_finalizer(ctx: &Context, svc: &Service) -> Result<()> {
+    let finalizers = svc
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    match write_finalizers(ctx, svc, finalizers).await {
+        // Already gone: the finalizer went with it.
+        Err(Error::Kube {
+            source: kube::Error::Api(s),
+            ..
+        }) if s.code == 404 => Ok(()),
+        other => other,
+    }
+}
+
+async fn patch_status(ctx: &Context, svc: &Service, patch: serde_json::Value) -> Result<()> {
+    match kube_call(
+        "patching Service status",
+        api(ctx, svc).patch_status(
+            &svc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        ),
+    )
+    .await
+    {
+        Err(Error::Kube {
+            source: kube::Error::Api(s),
+            ..
+        }) if s.code == 404 => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Writes `.status.loadBalancer` and Portico's condition, each only when it differs from
+/// what the Service already says; one patch at most.
+async fn write_status(
+    ctx: &Context,
+    svc: &Service,
+    load_balancer: Option<&k8s_openapi::api::core::v1::LoadBalancerStatus>,
+    condition: Option<(&str, &str, &str)>,
+) -> Result<()> {
+    let mut status = serde_json::Map::new();
+    if let Some(lb) = load_balancer
+        && !status::load_balancer_status_matches(svc, lb)
+    {
+        // `null` removes the list under a merge patch; an empty list would linger.
+        let ingress = match lb.ingress.as_deref() {
+            Some(list) if !list.is_empty() => serde_json::to_value(list).expect("serializable"),
+            _ => serde_json::Value::Null,
+        };
+        status.insert("loadBalancer".into(), json!({ "ingress": ingress }));
+    }
+    if let Some((s, reason, message)) = condition
+        && let Some(conditions) =
+            status::conditions_with(svc, s, reason, message, Time(jiff::Timestamp::now()))
+    {
+        status.insert(
+            "conditions".into(),
+            serde_json::to_value(conditions).expect("serializable"),
+        );
+    }
+    if status.is_empty() {
+        return Ok(());
+    }
+    patch_status(ctx, svc, json!({ "status": status })).await
+}
+
+async fn set_condition(
+    ctx: &Context,
+    svc: &Service,
+    s: &str,
+    reason: &str,
+    message: &str,
+) -> Result<()> {
+    write_status(ctx, svc, None, Some((s, reason, message))).await
+}
+
+/// Events are best effort: failing to record one must not fail the reconcile.
+async fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.into()),
+        action: "SyncLoadBalancer".into(),
+        secondary: None,
+    };
+    let reference = svc.object_ref(&());
+    let publish = ctx.recorder.publish(&event, &reference);
+    match tokio::time::timeout(crate::error::API_TIMEOUT, publish).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(service = %key(svc), reason, error = %e, "could not record event")
+        }
+        Err(_) => tracing::warn!(service = %key(svc), reason, "recording an event timed out"),
+    }
+}
+
+/// Runs the Service controller until shutdown. `node_changes` fires whenever the set of
+/// eligible nodes (or their addresses) changes, re-syncing every Service.
+pub async fn run(
+    ctx: Arc<Context>,
+    node_changes: impl futures::Stream<Item = ()> + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let services: Api<Service> = Api::all(ctx.client.clone());
+    Controller::new(services, watcher::Config::default())
+        .reconcile_all_on(node_changes)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "service controller event");
+            }
+        })
+        .await;
+}
