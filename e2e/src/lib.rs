@@ -11,11 +11,13 @@ pub mod certs;
 pub mod cli;
 pub mod control_plane;
 pub mod kubeconfig;
+pub mod portico;
 pub mod process;
 pub mod readiness;
 pub mod slot;
 pub mod state;
 pub mod testbed;
+pub mod testkit;
 
 pub use address_plan::AddressPlan;
 pub use binaries::workspace_binary;
