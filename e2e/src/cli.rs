@@ -43,6 +43,9 @@ pub enum Command {
     Kubeconfig(StateDirArg),
     /// Show the cluster's processes and whether it is ready; exits 1 unless it is.
     Status(StateDirArg),
+    /// The full demo: `up`, then the local cloud, the operator and a Service of type
+    /// LoadBalancer whose EXTERNAL-IP is printed and called.
+    Demo(StateDirArg),
     /// Run the simulated nodes (started by `up`).
     #[command(hide = true)]
     Agent {
@@ -107,6 +110,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Down(args) => down(&StateLayout::new(args.resolve())).await,
         Command::Kubeconfig(args) => kubeconfig(&StateLayout::new(args.resolve())),
         Command::Status(args) => status(&StateLayout::new(args.resolve())).await,
+        Command::Demo(args) => Box::pin(crate::demo::run(&StateLayout::new(args.resolve()))).await,
         Command::Agent { config } => run_agent(&config).await,
     }
 }

@@ -32,7 +32,7 @@ const FILES: &[&str] = &[
     "controller-manager.kubeconfig",
     "agent.json",
 ];
-const DIRS: &[&str] = &["pki", "etcd", "logs"];
+const DIRS: &[&str] = &["pki", "etcd", "logs", "portico"];
 
 impl StateLayout {
     pub fn new(root: impl Into<PathBuf>) -> Self {
