@@ -5,6 +5,7 @@ pub mod error;
 pub mod model;
 pub mod naming;
 pub mod provider;
+pub mod routing;
 
 pub use error::ProviderError;
 pub use model::*;

@@ -1,0 +1,201 @@
+//! `portico-bench provisioning`: how fast a Service of type LoadBalancer gets its EXTERNAL-IP
+//! and its first successful response, over many Services created at once, on a local cluster
+//! with the operator and the local cloud as real processes.
+//!
+//! Build with `--release` (the operator and local cloud next to this binary are used).
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use kube::api::PostParams;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use portico_e2e::agent::ECHO_IMAGE;
+use portico_e2e::portico::{Portico, PorticoConfig};
+use portico_e2e::testkit::{deployment, echo_via, service};
+use portico_e2e::{Testbed, TestbedOptions, install_crypto_provider};
+use serde_json::json;
+
+const NS: &str = "bench";
+
+#[derive(Parser, Debug)]
+#[command(name = "portico-bench")]
+enum Bench {
+    /// Create N Services of type LoadBalancer at once; report time to EXTERNAL-IP and to the
+    /// first successful response (p50, p99, max).
+    Provisioning {
+        #[arg(long, default_value_t = 100)]
+        services: usize,
+    },
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    install_crypto_provider();
+    let Bench::Provisioning { services } = Bench::parse();
+    provisioning(services).await
+}
+
+fn ip_of(svc: &Service) -> Option<Ipv4Addr> {
+    svc.status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?
+        .iter()
+        .find_map(|i| i.ip.as_deref()?.parse().ok())
+}
+
+async fn provisioning(count: usize) -> anyhow::Result<()> {
+    let testbed = Testbed::start(TestbedOptions {
+        nodes: 3,
+        ..Default::default()
+    })
+    .await?;
+    let _portico = Portico::start(PorticoConfig::new(
+        testbed.plan(),
+        testbed.kubeconfig_path(),
+        testbed.state_dir().join("portico"),
+    ))
+    .await?;
+    let client = testbed.client().await;
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NS}}))?,
+        )
+        .await?;
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let deployments = Api::namespaced(client.clone(), NS);
+    deployments
+        .create(
+            &PostParams::default(),
+            &deployment("echo", 3, ECHO_IMAGE, &[(8080, "TCP")]),
+        )
+        .await?;
+    // One Service first, so pods run and node ports serve before the clock starts.
+    let warm = lb("warm");
+    services.create(&PostParams::default(), &warm).await?;
+    wait_answering(&client, "warm").await?;
+
+    let got_ip: Arc<Mutex<HashMap<String, (Instant, Ipv4Addr)>>> = Arc::default();
+    let watch = tokio::spawn({
+        let (services, got_ip) = (services.clone(), got_ip.clone());
+        async move {
+            let mut events =
+                std::pin::pin!(watcher(services, watcher::Config::default()).applied_objects());
+            while let Ok(Some(svc)) = events.try_next().await {
+                if let Some(ip) = ip_of(&svc) {
+                    got_ip
+                        .lock()
+                        .unwrap()
+                        .entry(svc.name_any())
+                        .or_insert((Instant::now(), ip));
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    println!("creating {count} Services of type LoadBalancer at once …");
+    let names: Vec<String> = (0..count).map(|i| format!("svc-{i:03}")).collect();
+    let created = futures::stream::iter(names.clone())
+        .map(|name| {
+            let services = services.clone();
+            async move {
+                let started = Instant::now();
+                services.create(&PostParams::default(), &lb(&name)).await?;
+                anyhow::Ok((name, started))
+            }
+        })
+        .buffer_unordered(count)
+        .try_collect::<HashMap<String, Instant>>()
+        .await?;
+
+    let answered = futures::stream::iter(names.clone())
+        .map(|name| {
+            let got_ip = got_ip.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(120);
+                let ip = loop {
+                    if let Some((_, ip)) = got_ip.lock().unwrap().get(&name) {
+                        break *ip;
+                    }
+                    anyhow::ensure!(Instant::now() < deadline, "{name}: no EXTERNAL-IP");
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                };
+                let target = SocketAddr::from((ip, 80));
+                loop {
+                    if echo_via(target, None).await.is_ok() {
+                        return anyhow::Ok((name, Instant::now()));
+                    }
+                    anyhow::ensure!(Instant::now() < deadline, "{name}: {target} never answered");
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        })
+        .buffer_unordered(count)
+        .try_collect::<HashMap<String, Instant>>()
+        .await?;
+    watch.abort();
+
+    let got_ip = got_ip.lock().unwrap();
+    let mut to_ip: Vec<Duration> = names
+        .iter()
+        .map(|n| got_ip[n].0.saturating_duration_since(created[n]))
+        .collect();
+    let mut to_answer: Vec<Duration> = names
+        .iter()
+        .map(|n| answered[n].saturating_duration_since(created[n]))
+        .collect();
+    println!();
+    println!("| {count} Services created at once | p50 | p99 | max |");
+    println!("|---|---|---|---|");
+    for (what, samples) in [
+        ("create → EXTERNAL-IP in status", &mut to_ip),
+        ("create → first successful response", &mut to_answer),
+    ] {
+        samples.sort();
+        println!(
+            "| {what} | {} | {} | {} |",
+            ms(percentile(samples, 50)),
+            ms(percentile(samples, 99)),
+            ms(*samples.last().unwrap())
+        );
+    }
+    Ok(())
+}
+
+fn lb(name: &str) -> Service {
+    service(name, "echo", json!({"type": "LoadBalancer"}))
+}
+
+async fn wait_answering(client: &Client, name: &str) -> anyhow::Result<()> {
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(ip) = ip_of(&services.get(name).await?)
+            && echo_via(SocketAddr::from((ip, 80)), None).await.is_ok()
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{name} never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    let rank = (p * sorted.len()).div_ceil(100).max(1);
+    sorted[rank - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
