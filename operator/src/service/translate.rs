@@ -310,7 +310,9 @@ mod tests {
     }
 
     fn listeners(spec: &LoadBalancerSpec) -> &[Listener] {
-        let Frontend::Network(n) = &spec.frontend;
+        let Frontend::Network(n) = &spec.frontend else {
+            panic!("a Service becomes a network load balancer");
+        };
         &n.listeners
     }
 

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::naming::LoadBalancerName;
+use crate::routing::RouteTable;
 
 /// Who a cloud load balancer belongs to. Providers tag every resource with it and refuse to
 /// touch a resource whose tags say otherwise, so two clusters (or two operators) sharing one
@@ -55,6 +56,105 @@ pub struct LoadBalancerSpec {
 pub enum Frontend {
     /// Passthrough L4 (a Service of type LoadBalancer): AWS NLB, GCP passthrough NLB.
     Network(NetworkFrontend),
+    /// HTTP(S) with host/path routing (an Ingress): AWS ALB, GCP external Application LB.
+    Application(ApplicationFrontend),
+}
+
+/// An L7 load balancer: requests are routed by host and path (see [`crate::routing`]) to
+/// backend pools, and balanced per request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplicationFrontend {
+    /// The plain HTTP port (80 for an Ingress).
+    pub http_port: u16,
+    /// HTTPS, present when any TLS is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https: Option<HttpsListener>,
+    /// Answer plain HTTP with a permanent redirect to HTTPS instead of serving it.
+    #[serde(default)]
+    pub redirect_to_https: bool,
+    pub routes: RouteTable,
+    /// The pools routes point at, by name.
+    pub backends: Vec<Backend>,
+    #[serde(default)]
+    pub timeouts: HttpTimeouts,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpsListener {
+    pub port: u16,
+    /// Chosen per connection by SNI; several per listener.
+    pub certificates: Vec<Certificate>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Certificate {
+    /// Stable within the load balancer (e.g. `namespace/secret`).
+    pub name: String,
+    /// Host names (possibly `*.example.com`) this certificate is offered for; a certificate
+    /// with no hosts is the default for clients that send no matching SNI.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub source: CertificateSource,
+}
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum CertificateSource {
+    /// PEM material from a Kubernetes TLS Secret; the provider uploads or serves it.
+    Pem { chain: String, key: String },
+    /// A certificate the cloud already holds (an ACM ARN, a GCP SslCertificate name).
+    Reference { id: String },
+}
+
+impl std::fmt::Debug for CertificateSource {
+    // Keys never end up in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CertificateSource::Pem { chain, .. } => f
+                .debug_struct("Pem")
+                .field("chain_len", &chain.len())
+                .field("key", &"<redacted>")
+                .finish(),
+            CertificateSource::Reference { id } => {
+                f.debug_struct("Reference").field("id", id).finish()
+            }
+        }
+    }
+}
+
+/// A named pool of targets that routes send requests to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Backend {
+    pub name: String,
+    pub pool: TargetPool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpTimeouts {
+    /// Connecting to a target.
+    #[serde(with = "duration_ms")]
+    pub connect: Duration,
+    /// A whole request/response exchange with a target (not counting upgraded connections).
+    #[serde(with = "duration_ms")]
+    pub request: Duration,
+    /// An idle client keep-alive connection.
+    #[serde(with = "duration_ms")]
+    pub idle: Duration,
+}
+
+impl Default for HttpTimeouts {
+    fn default() -> Self {
+        HttpTimeouts {
+            connect: Duration::from_secs(5),
+            request: Duration::from_secs(60),
+            idle: Duration::from_secs(60),
+        }
+    }
 }
 
 /// An L4 load balancer: one listener per (protocol, port), each forwarding to a pool.
@@ -177,6 +277,13 @@ pub enum SessionAffinity {
     ClientIp {
         #[serde(with = "duration_ms")]
         timeout: Duration,
+    },
+    /// L7 only: the load balancer sets cookie `name` naming the target, valid for `ttl`, and
+    /// sends requests carrying it to that target while it stays healthy.
+    Cookie {
+        name: String,
+        #[serde(with = "duration_ms")]
+        ttl: Duration,
     },
 }
 

@@ -359,6 +359,9 @@ pub fn validate(spec: &LoadBalancerSpec) -> Result<&[Listener], String> {
                 ));
             }
         }
+        if matches!(l.pool.affinity, SessionAffinity::Cookie { .. }) {
+            return Err(format!("{what}: cookie affinity needs an HTTP load balancer"));
+        }
         let hc = &l.pool.health_check;
         match &hc.probe {
             Probe::Http { port, path } => {

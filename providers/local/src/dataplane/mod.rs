@@ -240,7 +240,8 @@ impl LoadBalancer {
             backends,
             affinity: match pool.affinity {
                 SessionAffinity::ClientIp { timeout } => Some(timeout),
-                SessionAffinity::None => None,
+                // Refused by validation for L4 listeners: there is no cookie to read.
+                SessionAffinity::None | SessionAffinity::Cookie { .. } => None,
             },
             proxy_protocol: pool.proxy_protocol,
             preserve_client_ip: pool.preserve_client_ip,
