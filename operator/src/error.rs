@@ -2,6 +2,7 @@
 
 use portico_provider::ProviderError;
 
+use crate::ingress::translate::InvalidIngress;
 use crate::service::translate::InvalidService;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +19,8 @@ pub enum Error {
     Provider(#[from] ProviderError),
     #[error("invalid Service: {0}")]
     InvalidService(#[from] InvalidService),
+    #[error("invalid Ingress: {0}")]
+    InvalidIngress(#[from] InvalidIngress),
 }
 
 impl Error {
@@ -28,6 +31,7 @@ impl Error {
             Error::Timeout(_) => "kube_timeout",
             Error::Provider(e) => e.reason(),
             Error::InvalidService(_) => "invalid_service",
+            Error::InvalidIngress(_) => "invalid_ingress",
         }
     }
 }

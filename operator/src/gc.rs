@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use portico_provider::{ObservedLoadBalancer, Provider};
@@ -40,6 +41,35 @@ pub fn orphans<'a>(
         .collect()
 }
 
+/// Owned load balancers of Ingresses that are gone or no longer carry the finalizer. Pure;
+/// `ingresses` must be listed after `owned` (a load balancer exists only once its Ingress has
+/// the finalizer).
+pub fn ingress_orphans<'a>(
+    owned: &'a [ObservedLoadBalancer],
+    ingresses: &[Ingress],
+) -> Vec<&'a ObservedLoadBalancer> {
+    let finalized: HashMap<String, bool> = ingresses
+        .iter()
+        .filter_map(|i| {
+            let has = i
+                .finalizers()
+                .iter()
+                .any(|f| f == crate::ingress::FINALIZER);
+            Some((i.uid()?, has))
+        })
+        .collect();
+    owned
+        .iter()
+        .filter(|lb| lb.owner.object_ref.starts_with("Ingress/"))
+        .filter(|lb| {
+            !finalized
+                .get(&lb.owner.object_uid)
+                .copied()
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
 /// Deletes orphaned load balancers of `cluster_id`; returns how many.
 pub async fn collect(
     client: &Client,
@@ -54,8 +84,17 @@ pub async fn collect(
     )
     .await?
     .items;
+    let ingresses = kube_call(
+        "listing Ingresses for garbage collection",
+        Api::<Ingress>::all(client.clone()).list(&ListParams::default()),
+    )
+    .await?
+    .items;
     let mut deleted = 0;
-    for lb in orphans(&owned, &services, classes) {
+    let orphaned = orphans(&owned, &services, classes)
+        .into_iter()
+        .chain(ingress_orphans(&owned, &ingresses));
+    for lb in orphaned {
         tracing::info!(load_balancer = %lb.name, owner = %lb.owner.object_ref, "deleting orphaned load balancer");
         provider.delete(&lb.name, &lb.owner).await?;
         deleted += 1;
@@ -125,6 +164,29 @@ mod tests {
             orphans(&owned, &[svc("u1", "ClusterIP", false)], &classes()).len(),
             1
         );
+    }
+
+    #[test]
+    fn ingress_load_balancers_without_a_finalized_ingress_are_orphans() {
+        let owned = [
+            lb("i1", "Ingress"),
+            lb("i2", "Ingress"),
+            lb("i3", "Ingress"),
+        ];
+        let ingress = |uid: &str, finalized: bool| Ingress {
+            metadata: kube::api::ObjectMeta {
+                uid: Some(uid.into()),
+                finalizers: finalized.then(|| vec![crate::ingress::FINALIZER.to_string()]),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let found: Vec<&str> =
+            ingress_orphans(&owned, &[ingress("i1", true), ingress("i2", false)])
+                .iter()
+                .map(|l| l.owner.object_uid.as_str())
+                .collect();
+        assert_eq!(found, ["i2", "i3"]);
     }
 
     #[test]

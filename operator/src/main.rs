@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::networking::v1::IngressClass;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::{Api, Client};
 use portico_operator::http::Readiness;
@@ -15,7 +16,7 @@ use portico_operator::leader::LeaderElector;
 use portico_operator::metrics::Metrics;
 use portico_operator::service::class::ClassPolicy;
 use portico_operator::service::controller::{self, Context, Settings};
-use portico_operator::{gc, node_set};
+use portico_operator::{gc, ingress, node_set};
 use portico_provider::Provider;
 use tokio_util::sync::CancellationToken;
 
@@ -77,6 +78,13 @@ struct Args {
     /// This instance's identity in the Lease and in events. Defaults to host name + random suffix.
     #[arg(long, env = "POD_NAME")]
     instance_id: Option<String>,
+    /// The IngressClass Portico creates at start (if missing) with its controller name; empty
+    /// to leave IngressClasses to the installer (the Helm chart).
+    #[arg(long, env = "PORTICO_INGRESS_CLASS", default_value = "portico")]
+    ingress_class: String,
+    /// Mark that IngressClass as the cluster's default when creating it.
+    #[arg(long, env = "PORTICO_DEFAULT_INGRESS_CLASS", default_value_t = false, action = clap::ArgAction::Set)]
+    default_ingress_class: bool,
     /// How often a served load balancer is ensured again even when nothing changed.
     #[arg(long, env = "PORTICO_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
@@ -179,6 +187,30 @@ async fn main() -> anyhow::Result<()> {
             instance: Some(instance.clone()),
         },
     );
+    if !args.ingress_class.is_empty() {
+        ensure_ingress_class(&client, &args.ingress_class, args.default_ingress_class).await?;
+    }
+    let ingress_classes = watch_ingress_classes(client.clone());
+    ingress_classes
+        .wait_until_ready()
+        .await
+        .context("IngressClass cache")?;
+    let ingress_ctx = Arc::new(ingress::controller::Context::new(
+        client.clone(),
+        provider.clone(),
+        nodes.clone(),
+        ingress_classes,
+        cluster_id.clone(),
+        Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "portico.dev/ingress-controller".into(),
+                instance: Some(instance.clone()),
+            },
+        ),
+        metrics.clone(),
+        Duration::from_secs(args.resync_seconds),
+    ));
     let ctx = Arc::new(Context::new(
         client.clone(),
         provider.clone(),
@@ -218,7 +250,18 @@ async fn main() -> anyhow::Result<()> {
     });
 
     ready.set(true);
-    controller::run(ctx, node_changes, shutdown.clone().cancelled_owned()).await;
+    tokio::join!(
+        controller::run(
+            ctx,
+            node_changes.subscribe(),
+            shutdown.clone().cancelled_owned()
+        ),
+        ingress::controller::run(
+            ingress_ctx,
+            node_changes.subscribe(),
+            shutdown.clone().cancelled_owned()
+        ),
+    );
     ready.set(false);
     metrics.leader.set(0);
 
@@ -231,6 +274,48 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!(error = %e, "could not release the leader lease");
     }
     Ok(())
+}
+
+/// Creates Portico's IngressClass unless one of that name exists (then it is the
+/// installer's, and left alone).
+async fn ensure_ingress_class(client: &Client, name: &str, default: bool) -> anyhow::Result<()> {
+    let classes: Api<IngressClass> = Api::all(client.clone());
+    let mut class: IngressClass = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"controller": ingress::class::CONTROLLER},
+    }))?;
+    if default {
+        class.metadata.annotations = Some(
+            [(
+                ingress::class::DEFAULT_CLASS_ANNOTATION.to_string(),
+                "true".to_string(),
+            )]
+            .into(),
+        );
+    }
+    match classes
+        .create(&kube::api::PostParams::default(), &class)
+        .await
+    {
+        Ok(_) => tracing::info!(%name, "created IngressClass"),
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(e).context("creating the IngressClass"),
+    }
+    Ok(())
+}
+
+fn watch_ingress_classes(client: Client) -> kube::runtime::reflector::Store<IngressClass> {
+    use futures::StreamExt;
+    use kube::runtime::WatchStreamExt;
+    let (store, writer) = kube::runtime::reflector::store();
+    let stream = kube::runtime::reflector::reflector(
+        writer,
+        kube::runtime::watcher(Api::<IngressClass>::all(client), Default::default()),
+    )
+    .default_backoff()
+    .touched_objects();
+    tokio::spawn(stream.for_each(|_| async {}));
+    store
 }
 
 async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {

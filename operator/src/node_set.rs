@@ -10,15 +10,31 @@ use k8s_openapi::api::core::v1::Node;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 
 use crate::service::nodes::{EligibleNode, eligible_nodes};
 
-/// Starts watching Nodes. Returns the cache and a stream that yields once per change of the
-/// eligible node set (changes arriving while one is pending are coalesced).
-pub fn watch(client: Client) -> (Store<Node>, impl Stream<Item = ()> + Send + 'static) {
+/// Tells every controller when the eligible node set changed.
+#[derive(Clone)]
+pub struct NodeChanges(watch::Receiver<u64>);
+
+impl NodeChanges {
+    /// A stream that yields once per change (changes arriving while one is pending are
+    /// coalesced: the re-sync that follows sees the latest state anyway).
+    pub fn subscribe(&self) -> impl Stream<Item = ()> + Send + 'static {
+        let mut rx = self.0.clone();
+        rx.mark_unchanged();
+        futures::stream::unfold(rx, |mut rx| async move {
+            rx.changed().await.ok()?;
+            Some(((), rx))
+        })
+    }
+}
+
+/// Starts watching Nodes. Returns the cache and the change signal.
+pub fn watch(client: Client) -> (Store<Node>, NodeChanges) {
     let (store, writer) = reflector::store();
-    let (tx, rx) = mpsc::channel::<()>(1);
+    let (tx, rx) = watch::channel(0u64);
     let reader = store.clone();
     let events = reflector::reflector(
         writer,
@@ -39,15 +55,9 @@ pub fn watch(client: Client) -> (Store<Node>, impl Stream<Item = ()> + Send + 's
             if last.as_ref() != Some(&now) {
                 tracing::info!(nodes = ?now.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), "eligible nodes changed");
                 last = Some(now);
-                // Full means a re-sync is already pending; it will see this state too.
-                let _ = tx.try_send(());
+                tx.send_modify(|generation| *generation += 1);
             }
         }
     });
-    let changes =
-        futures::stream::unfold(
-            rx,
-            |mut rx| async move { rx.recv().await.map(|()| ((), rx)) },
-        );
-    (store, changes)
+    (store, NodeChanges(rx))
 }

@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -25,8 +24,9 @@ use super::nodes::eligible_nodes;
 use super::status;
 use super::translate::{desired_load_balancer, load_balancer_name, ownership};
 use crate::backoff::Backoff;
-use crate::error::{Error, Result, kube_call};
+use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::object;
 
 const CONTROLLER: &str = "service";
 /// How long an ensure may run before the Service says it is provisioning; fast providers
@@ -93,11 +93,11 @@ impl Context {
 }
 
 fn key(svc: &Service) -> String {
-    format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any())
+    object::key(svc)
 }
 
 fn has_finalizer(svc: &Service) -> bool {
-    svc.finalizers().iter().any(|f| f == FINALIZER)
+    object::has_finalizer(svc, FINALIZER)
 }
 
 pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action> {
@@ -169,7 +169,7 @@ async fn ensure(svc: &Service, ctx: &Context) -> Result<Action> {
 
     // Before anything exists in the cloud, so a deleted Service can never leak it.
     if !has_finalizer(svc) {
-        add_finalizer(ctx, svc).await?;
+        object::add_finalizer(&ctx.client, svc, FINALIZER).await?;
     }
 
     let changed = ctx
@@ -319,75 +319,8 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Action> {
             patch_status(ctx, svc, json!({ "status": { "conditions": conditions } })).await?;
         }
     }
-    remove_finalizer(ctx, svc).await?;
+    object::remove_finalizer(&ctx.client, svc, FINALIZER).await?;
     Ok(Action::await_change())
-}
-
-fn api(ctx: &Context, svc: &Service) -> Api<Service> {
-    Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default())
-}
-
-/// Finalizer lists are written whole with the resourceVersion read, so a concurrent change
-/// fails with a conflict instead of being overwritten.
-async fn write_finalizers(ctx: &Context, svc: &Service, finalizers: Vec<String>) -> Result<()> {
-    let patch = json!({
-        "metadata": {
-            "finalizers": finalizers,
-            "resourceVersion": svc.resource_version(),
-        }
-    });
-    kube_call(
-        "writing finalizers",
-        api(ctx, svc).patch(
-            &svc.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        ),
-    )
-    .await?;
-    Ok(())
-}
-
-async fn add_finalizer(ctx: &Context, svc: &Service) -> Result<()> {
-    let mut finalizers = svc.finalizers().to_vec();
-    finalizers.push(FINALIZER.to_string());
-    write_finalizers(ctx, svc, finalizers).await
-}
-
-async fn remove_finalizer(ctx: &Context, svc: &Service) -> Result<()> {
-    let finalizers = svc
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    match write_finalizers(ctx, svc, finalizers).await {
-        // Already gone: the finalizer went with it.
-        Err(Error::Kube {
-            source: kube::Error::Api(s),
-            ..
-        }) if s.code == 404 => Ok(()),
-        other => other,
-    }
-}
-
-async fn patch_status(ctx: &Context, svc: &Service, patch: serde_json::Value) -> Result<()> {
-    match kube_call(
-        "patching Service status",
-        api(ctx, svc).patch_status(
-            &svc.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        ),
-    )
-    .await
-    {
-        Err(Error::Kube {
-            source: kube::Error::Api(s),
-            ..
-        }) if s.code == 404 => Ok(()),
-        other => other.map(|_| ()),
-    }
 }
 
 /// Writes `.status.loadBalancer` and Portico's condition, each only when it differs from
@@ -434,24 +367,12 @@ async fn set_condition(
     write_status(ctx, svc, None, Some((s, reason, message))).await
 }
 
-/// Events are best effort: failing to record one must not fail the reconcile.
 async fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, note: &str) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.into()),
-        action: "SyncLoadBalancer".into(),
-        secondary: None,
-    };
-    let reference = svc.object_ref(&());
-    let publish = ctx.recorder.publish(&event, &reference);
-    match tokio::time::timeout(crate::error::API_TIMEOUT, publish).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(service = %key(svc), reason, error = %e, "could not record event")
-        }
-        Err(_) => tracing::warn!(service = %key(svc), reason, "recording an event timed out"),
-    }
+    object::publish(&ctx.recorder, svc, type_, reason, note).await
+}
+
+async fn patch_status(ctx: &Context, svc: &Service, patch: serde_json::Value) -> Result<()> {
+    object::patch_status(&ctx.client, svc, patch).await
 }
 
 /// Runs the Service controller until shutdown. `node_changes` fires whenever the set of

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use portico_provider::{
     Frontend, HealthCheck, Listener, LoadBalancerName, LoadBalancerSpec, NetworkFrontend,
     Ownership, Probe, Protocol, SessionAffinity, Target, TargetPool,
@@ -78,28 +78,12 @@ pub fn desired_load_balancer(
     );
 
     let local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let probe = if local {
-        match spec
-            .health_check_node_port
-            .and_then(|p| u16::try_from(p).ok())
-        {
-            Some(port) if port > 0 => Some(Probe::Http {
-                port,
-                path: "/healthz".into(),
-            }),
-            _ => {
-                problems.push(
-                    "externalTrafficPolicy Local needs a healthCheckNodePort, and there is none"
-                        .to_string(),
-                );
-                None
-            }
+    let probe = match node_probe(&spec) {
+        Ok(probe) => Some(probe),
+        Err(problem) => {
+            problems.push(problem);
+            None
         }
-    } else {
-        Some(Probe::Http {
-            port: KUBE_PROXY_HEALTH_PORT,
-            path: "/healthz".into(),
-        })
     };
     let health_check = probe.map(|probe| {
         let mut hc = HealthCheck::with_probe(probe);
@@ -186,6 +170,31 @@ pub fn desired_load_balancer(
         source_ranges,
         frontend: Frontend::Network(NetworkFrontend { listeners }),
     })
+}
+
+/// How a load balancer learns whether a node can serve this Service: kube-proxy's health
+/// endpoint for `externalTrafficPolicy: Cluster`, the Service's health check node port for
+/// `Local` (it answers 200 only on nodes with a local endpoint).
+pub fn node_probe(spec: &ServiceSpec) -> Result<Probe, String> {
+    if spec.external_traffic_policy.as_deref() != Some("Local") {
+        return Ok(Probe::Http {
+            port: KUBE_PROXY_HEALTH_PORT,
+            path: "/healthz".into(),
+        });
+    }
+    match spec
+        .health_check_node_port
+        .and_then(|p| u16::try_from(p).ok())
+    {
+        Some(port) if port > 0 => Ok(Probe::Http {
+            port,
+            path: "/healthz".into(),
+        }),
+        _ => Err(
+            "externalTrafficPolicy Local needs a healthCheckNodePort, and there is none"
+                .to_string(),
+        ),
+    }
 }
 
 /// Name, protocol, port and node port of one Service port, or why it cannot be served.

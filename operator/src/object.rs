@@ -1,0 +1,145 @@
+//! Writes every controller makes to the objects it serves: finalizers, status, events. Each
+//! is a single API call under [`crate::error::API_TIMEOUT`].
+
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::error::{Error, Result, kube_call};
+
+/// A namespaced object a controller writes to.
+pub trait Served:
+    Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + Serialize
+    + DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> Served for K where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
+fn api<K: Served>(client: &Client, obj: &K) -> Api<K> {
+    Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default())
+}
+
+fn ignore_not_found<T>(result: Result<T>) -> Result<()> {
+    match result {
+        Err(Error::Kube {
+            source: kube::Error::Api(s),
+            ..
+        }) if s.code == 404 => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// `namespace/name`, for logs and per-object bookkeeping.
+pub fn key<K: Served>(obj: &K) -> String {
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+pub fn has_finalizer<K: Served>(obj: &K, finalizer: &str) -> bool {
+    obj.finalizers().iter().any(|f| f == finalizer)
+}
+
+/// Finalizer lists are written whole with the resourceVersion read, so a concurrent change
+/// fails with a conflict instead of being overwritten.
+async fn write_finalizers<K: Served>(
+    client: &Client,
+    obj: &K,
+    finalizers: Vec<String>,
+) -> Result<()> {
+    let patch = json!({
+        "metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": obj.resource_version(),
+        }
+    });
+    kube_call(
+        "writing finalizers",
+        api(client, obj).patch(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        ),
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn add_finalizer<K: Served>(client: &Client, obj: &K, finalizer: &str) -> Result<()> {
+    let mut finalizers = obj.finalizers().to_vec();
+    finalizers.push(finalizer.to_string());
+    write_finalizers(client, obj, finalizers).await
+}
+
+/// Removing it from an object that is already gone is a success.
+pub async fn remove_finalizer<K: Served>(client: &Client, obj: &K, finalizer: &str) -> Result<()> {
+    let finalizers = obj
+        .finalizers()
+        .iter()
+        .filter(|f| *f != finalizer)
+        .cloned()
+        .collect();
+    ignore_not_found(write_finalizers(client, obj, finalizers).await)
+}
+
+/// A merge patch of the status subresource; an object that is gone needs no status.
+pub async fn patch_status<K: Served>(
+    client: &Client,
+    obj: &K,
+    patch: serde_json::Value,
+) -> Result<()> {
+    ignore_not_found(
+        kube_call(
+            "patching status",
+            api(client, obj).patch_status(
+                &obj.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ),
+        )
+        .await,
+    )
+}
+
+/// Events are best effort: failing to record one must not fail the reconcile.
+pub async fn publish<K: Served>(
+    recorder: &Recorder,
+    obj: &K,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.into()),
+        action: "SyncLoadBalancer".into(),
+        secondary: None,
+    };
+    let reference = obj.object_ref(&());
+    match tokio::time::timeout(
+        crate::error::API_TIMEOUT,
+        recorder.publish(&event, &reference),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(object = %key(obj), reason, error = %e, "could not record event")
+        }
+        Err(_) => tracing::warn!(object = %key(obj), reason, "recording an event timed out"),
+    }
+}
