@@ -22,7 +22,11 @@ use tokio::{
     net::TcpSocket,
 };
 
-use crate::{Testbed, TestbedOptions, agent::echo::HttpEcho};
+use crate::{
+    Testbed, TestbedOptions,
+    agent::echo::HttpEcho,
+    portico::{Portico, PorticoConfig},
+};
 
 pub const NS: &str = "default";
 pub const WAIT: Duration = Duration::from_secs(90);
@@ -248,4 +252,131 @@ pub async fn still_echoes(stream: &mut tokio::io::BufReader<tokio::net::TcpStrea
         .expect("an echo within 5 s")
         .unwrap();
     assert_eq!(line, format!("{text}\n"));
+}
+
+/// A 3-node cluster with the local cloud and the operator running against it.
+pub async fn cluster_with_portico(
+    tune: impl FnOnce(&mut PorticoConfig),
+) -> (Testbed, Portico, Client) {
+    let testbed = Testbed::start(TestbedOptions {
+        nodes: 3,
+        ..Default::default()
+    })
+    .await
+    .expect("testbed starts");
+    let mut config = PorticoConfig::new(
+        testbed.plan(),
+        testbed.kubeconfig_path(),
+        testbed.state_dir().join("portico"),
+    );
+    tune(&mut config);
+    let portico = Portico::start(config).await.expect("portico starts");
+    let client = testbed.client().await;
+    (testbed, portico, client)
+}
+
+/// A throwaway certificate authority for TLS tests: issues server certificates and builds a
+/// client that trusts only it.
+pub struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    root: rustls::pki_types::CertificateDer<'static>,
+    root_pem: String,
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "portico-e2e-ca");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).expect("CA certificate");
+        TestCa {
+            root: cert.der().clone(),
+            root_pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+}
+
+impl TestCa {
+    /// The CA certificate, for `curl --cacert`.
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    /// A server certificate for `hosts` with common name `cn`: (chain PEM, key PEM).
+    pub fn issue(&self, hosts: &[&str], cn: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let mut params =
+            rcgen::CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())
+                .expect("leaf params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("leaf certificate");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    pub fn client_config(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        crate::install_crypto_provider();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.root.clone()).expect("root");
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        std::sync::Arc::new(config)
+    }
+}
+
+/// One HTTPS request on a fresh TLS connection with SNI `host`: (status, body, the server
+/// certificate's DER).
+pub async fn https_get(
+    config: std::sync::Arc<rustls::ClientConfig>,
+    target: SocketAddr,
+    host: &str,
+    path: &str,
+) -> std::io::Result<(u16, String, Vec<u8>)> {
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(target).await?;
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(std::io::Error::other)?;
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
+        let cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec())
+            .unwrap_or_default();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        tls.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        // A peer that closes without close_notify still sent a whole response.
+        let _ = tls.read_to_end(&mut response).await;
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| std::io::Error::other(format!("no HTTP response: {response:?}")))?;
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        Ok((status, body.to_owned(), cert))
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer in 10 s",
+            ))
+        })
 }

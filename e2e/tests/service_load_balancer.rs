@@ -21,9 +21,7 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams},
 };
 use portico_e2e::{
-    Testbed, TestbedOptions,
     agent::{ECHO_IMAGE, echo::UdpEcho},
-    portico::{Portico, PorticoConfig},
     testkit::*,
 };
 use portico_provider::Provider;
@@ -33,25 +31,6 @@ use tokio::net::UdpSocket;
 const FINALIZER: &str = "service.kubernetes.io/load-balancer-cleanup";
 const CONDITION: &str = "portico.dev/LoadBalancerReady";
 const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
-
-/// A 3-node cluster with the local cloud and the operator running against it.
-async fn cluster_with_portico(tune: impl FnOnce(&mut PorticoConfig)) -> (Testbed, Portico, Client) {
-    let testbed = Testbed::start(TestbedOptions {
-        nodes: 3,
-        ..Default::default()
-    })
-    .await
-    .expect("testbed starts");
-    let mut config = PorticoConfig::new(
-        testbed.plan(),
-        testbed.kubeconfig_path(),
-        testbed.state_dir().join("portico"),
-    );
-    tune(&mut config);
-    let portico = Portico::start(config).await.expect("portico starts");
-    let client = testbed.client().await;
-    (testbed, portico, client)
-}
 
 /// Echo pods answering HTTP on 8080/TCP and datagrams on 5353/UDP.
 async fn echo_deployment(client: &Client, name: &str, replicas: i32) {
