@@ -197,7 +197,17 @@ async fn the_default_backend_takes_what_no_rule_matches() {
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_on_one_keep_alive_connection_are_balanced_per_request() {
     let (_testbed, _portico, client) = cluster_with_portico(|_| {}).await;
-    two_apps(&client).await;
+    // One pod per node behind `externalTrafficPolicy: Local`: each node forwards only to its
+    // own pod, so the pod that answers tells which node the load balancer chose for that
+    // request (with `Cluster`, kube-proxy's own per-connection choice would blur it, because
+    // the load balancer reuses its upstream connections).
+    create(&client, &deployment("web", 3, ECHO_IMAGE, &[(8080, "TCP")])).await;
+    create(
+        &client,
+        &service("web", "web", json!({"externalTrafficPolicy": "Local"})),
+    )
+    .await;
+    wait_for_endpoints(&client, "web", 3).await;
     create(
         &client,
         &ingress(
@@ -223,6 +233,7 @@ async fn requests_on_one_keep_alive_connection_are_balanced_per_request() {
             .header("host", "any")
             .body(Empty::<Bytes>::new())
             .unwrap();
+        sender.ready().await.expect("the connection stays open");
         let response = sender
             .send_request(request)
             .await
@@ -396,8 +407,9 @@ async fn tls_is_terminated_by_sni_and_a_rotated_secret_is_served_without_a_faile
         .replace("web-tls", &PostParams::default(), &rotated)
         .await
         .unwrap();
+    // A fresh client each time: a resumed TLS session would show the old certificate.
     eventually("the rotated certificate is served", || async {
-        let (_, _, cert) = https_get(tls.clone(), https, "web.example", "/")
+        let (_, _, cert) = https_get(ca.client_config(), https, "web.example", "/")
             .await
             .ok()?;
         common_name(&cert, "web-v2").then_some(())

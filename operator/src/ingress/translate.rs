@@ -9,8 +9,8 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
 use portico_provider::routing::{HostMatch, HostRoutes, PathMatch, PathRoute, RouteTable};
 use portico_provider::{
     ApplicationFrontend, Backend, Certificate, CertificateSource, Frontend, HealthCheck,
-    HttpTimeouts, HttpsListener, LoadBalancerName, LoadBalancerSpec, Ownership, SessionAffinity,
-    Target, TargetPool,
+    HttpTimeouts, HttpsListener, LoadBalancerName, LoadBalancerSpec, Ownership, Probe,
+    SessionAffinity, Target, TargetPool,
 };
 
 use crate::service::annotations::AnnotationReader;
@@ -176,13 +176,13 @@ pub fn desired_load_balancer(
             ));
             return None;
         };
-        let probe = match node_probe(&svc_spec) {
-            Ok(p) => p,
-            Err(e) => {
-                problems.push(format!("Service {:?}: {e}", svc_ref.name));
-                return None;
-            }
-        };
+        // A NodePort Service with `externalTrafficPolicy: Local` has no health check node
+        // port (only type LoadBalancer gets one); then the node port itself is probed, as GKE
+        // does for Ingress backends: nodes without a local endpoint do not answer it.
+        let probe = node_probe(&svc_spec).unwrap_or(Probe::Http {
+            port: node_port,
+            path: "/".into(),
+        });
         let name = format!("{}-{}", svc_ref.name, port.port);
         pools.entry(name.clone()).or_insert_with(|| Backend {
             name: name.clone(),
@@ -500,6 +500,38 @@ mod tests {
             Decision::Backend("web-80")
         );
         assert!(app(&lb).https.is_none());
+    }
+
+    #[test]
+    fn a_local_node_port_service_is_probed_on_its_node_port() {
+        let mut refs = referenced();
+        let web = refs.services.get_mut("web").unwrap().spec.as_mut().unwrap();
+        web.external_traffic_policy = Some("Local".into());
+        let lb = desired_load_balancer("c", &two_hosts(), &refs, &nodes()).unwrap();
+        let web = app(&lb)
+            .backends
+            .iter()
+            .find(|b| b.name == "web-80")
+            .unwrap();
+        assert_eq!(
+            web.pool.health_check.probe,
+            Probe::Http {
+                port: 30080,
+                path: "/".into()
+            }
+        );
+        let api = app(&lb)
+            .backends
+            .iter()
+            .find(|b| b.name == "api-80")
+            .unwrap();
+        assert_eq!(
+            api.pool.health_check.probe,
+            Probe::Http {
+                port: 10256,
+                path: "/healthz".into()
+            }
+        );
     }
 
     #[test]

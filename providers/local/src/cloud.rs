@@ -7,12 +7,14 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use portico_provider::{
-    Address, Frontend, Listener, LoadBalancerName, LoadBalancerSpec, LoadBalancerStatus,
-    ObservedLoadBalancer, Ownership, Probe, SessionAffinity,
+    Address, ApplicationFrontend, Frontend, LoadBalancerName, LoadBalancerSpec, LoadBalancerStatus,
+    ObservedLoadBalancer, Ownership, Probe, SessionAffinity, TargetPool,
 };
 use tokio::sync::Mutex;
 
-use crate::dataplane;
+use crate::dataplane::http::balance::is_valid_cookie_name;
+use crate::dataplane::http::tls::CertStore;
+use crate::dataplane::{self, Plan};
 use crate::metrics;
 use crate::pool::{AddressPool, Allocator, PoolError};
 use crate::store::{Store, StoreError, StoredLoadBalancer};
@@ -106,15 +108,15 @@ impl Cloud {
             if !pool.contains(address.into()) {
                 tracing::warn!(lb = %name, %address, %pool, "restored on an address outside the pool");
             }
-            let listeners = match validate(&spec) {
-                Ok(listeners) => listeners.to_vec(),
+            let plan = match validate(&spec) {
+                Ok(plan) => plan,
                 Err(e) => {
                     tracing::error!(lb = %name, error = %e, "stored spec is invalid; serving no ports");
-                    Vec::new()
+                    Plan::Network(Vec::new())
                 }
             };
             let mut dataplane = dataplane::LoadBalancer::new(name.as_str(), address.into());
-            dataplane.apply(&spec.source_ranges, &listeners).await;
+            dataplane.apply_plan(&spec.source_ranges, &plan).await;
             tracing::info!(lb = %name, %address, "restored load balancer");
             registry.lbs.insert(
                 name,
@@ -144,12 +146,12 @@ impl Cloud {
                 spec.name
             )));
         }
-        let listeners = validate(&spec).map_err(CloudError::Invalid)?.to_vec();
+        let plan = validate(&spec).map_err(CloudError::Invalid)?;
         let mut guard = self.inner.lock().await;
         let registry = &mut *guard;
 
         let Some(entry) = registry.lbs.get(name) else {
-            return self.create(registry, spec, &listeners).await;
+            return self.create(registry, spec, &plan).await;
         };
         if !entry.spec.owner.same_owner(&spec.owner) {
             return Err(CloudError::NotOwned {
@@ -161,7 +163,7 @@ impl Cloud {
             .requested_address
             .is_some_and(|a| a != IpAddr::V4(entry.address));
         if moving {
-            return self.move_address(registry, spec, &listeners).await;
+            return self.move_address(registry, spec, &plan).await;
         }
         if entry.spec == spec && !entry.dataplane.has_failed_ports() {
             return Ok(entry.status());
@@ -177,7 +179,7 @@ impl Cloud {
         )
         .await?;
         let entry = registry.lbs.get_mut(name).expect("checked above");
-        entry.dataplane.apply(&spec.source_ranges, &listeners).await;
+        entry.dataplane.apply_plan(&spec.source_ranges, &plan).await;
         if entry.spec != spec {
             tracing::info!(lb = %name, %address, "updated load balancer");
         }
@@ -189,7 +191,7 @@ impl Cloud {
         &self,
         registry: &mut Registry,
         spec: LoadBalancerSpec,
-        listeners: &[Listener],
+        plan: &Plan,
     ) -> Result<LoadBalancerStatus, CloudError> {
         let name = spec.name.clone();
         let address = registry.allocator.allocate(spec.requested_address)?;
@@ -202,7 +204,7 @@ impl Cloud {
             return Err(e.into());
         }
         let mut dataplane = dataplane::LoadBalancer::new(name.as_str(), address.into());
-        dataplane.apply(&spec.source_ranges, listeners).await;
+        dataplane.apply_plan(&spec.source_ranges, plan).await;
         tracing::info!(lb = %name, %address, owner = %describe(&spec.owner), "created load balancer");
         let entry = Entry {
             spec,
@@ -220,7 +222,7 @@ impl Cloud {
         &self,
         registry: &mut Registry,
         spec: LoadBalancerSpec,
-        listeners: &[Listener],
+        plan: &Plan,
     ) -> Result<LoadBalancerStatus, CloudError> {
         let name = spec.name.clone();
         let address = registry.allocator.allocate(spec.requested_address)?;
@@ -236,7 +238,7 @@ impl Cloud {
         old.dataplane.shutdown().await;
         registry.allocator.release(old.address);
         let mut dataplane = dataplane::LoadBalancer::new(name.as_str(), address.into());
-        dataplane.apply(&spec.source_ranges, listeners).await;
+        dataplane.apply_plan(&spec.source_ranges, plan).await;
         tracing::info!(lb = %name, from = %old.address, to = %address, "moved load balancer");
         let entry = Entry {
             spec,
@@ -329,12 +331,11 @@ impl Cloud {
     }
 }
 
-/// Checks what the data plane relies on and returns the listeners.
-pub fn validate(spec: &LoadBalancerSpec) -> Result<&[Listener], String> {
+/// Checks what the data plane relies on and returns what it is to serve.
+pub fn validate(spec: &LoadBalancerSpec) -> Result<Plan, String> {
     let listeners = match &spec.frontend {
         Frontend::Network(network) => &network.listeners,
-        #[allow(unreachable_patterns)]
-        _ => return Err("the local cloud serves network (L4) frontends only".into()),
+        Frontend::Application(app) => return validate_application(app),
     };
     let mut ports = HashSet::new();
     for l in listeners {
@@ -347,58 +348,125 @@ pub fn validate(spec: &LoadBalancerSpec) -> Result<&[Listener], String> {
                 "{what}: a second listener on that protocol and port"
             ));
         }
-        for t in &l.pool.targets {
-            if t.port == 0 {
-                return Err(format!("{what}: target {} has port 0", t.node));
-            }
-            // The data plane dials targets and probes them; nothing may leave loopback.
-            if !t.address.is_loopback() {
-                return Err(format!(
-                    "{what}: target {} at {} is not a loopback address",
-                    t.node, t.address
-                ));
-            }
-        }
         if matches!(l.pool.affinity, SessionAffinity::Cookie { .. }) {
-            return Err(format!("{what}: cookie affinity needs an HTTP load balancer"));
-        }
-        let hc = &l.pool.health_check;
-        match &hc.probe {
-            Probe::Http { port, path } => {
-                if *port == 0 {
-                    return Err(format!("{what}: health check port 0"));
-                }
-                if !path.starts_with('/')
-                    || path.chars().any(|c| c.is_whitespace() || c.is_control())
-                {
-                    return Err(format!(
-                        "{what}: health check path {path:?} is not an absolute path"
-                    ));
-                }
-            }
-            Probe::Tcp { port } => {
-                if *port == 0 {
-                    return Err(format!("{what}: health check port 0"));
-                }
-            }
-        }
-        if hc.interval.is_zero() || hc.timeout.is_zero() {
             return Err(format!(
-                "{what}: health check interval and timeout must be positive"
+                "{what}: cookie affinity needs an HTTP load balancer"
             ));
         }
-        if hc.healthy_threshold == 0 || hc.unhealthy_threshold == 0 {
-            return Err(format!(
-                "{what}: health check thresholds must be at least 1"
-            ));
+        validate_pool(&what, &l.pool)?;
+    }
+    Ok(Plan::Network(listeners.clone()))
+}
+
+/// An L7 frontend: ports, routes naming existing backends, pools as for L4, parseable PEM
+/// certificates and valid cookie names.
+fn validate_application(app: &ApplicationFrontend) -> Result<Plan, String> {
+    if app.http_port == 0 {
+        return Err("the HTTP port is 0".into());
+    }
+    if let Some(https) = &app.https {
+        if https.port == 0 {
+            return Err("the HTTPS port is 0".into());
         }
-        if let SessionAffinity::ClientIp { timeout } = l.pool.affinity
-            && timeout.is_zero()
+        if https.port == app.http_port {
+            return Err(format!("HTTP and HTTPS both on port {}", app.http_port));
+        }
+    }
+    let mut names = HashSet::new();
+    for backend in &app.backends {
+        let what = format!("backend {:?}", backend.name);
+        if !names.insert(backend.name.as_str()) {
+            return Err(format!("{what}: defined twice"));
+        }
+        validate_pool(&what, &backend.pool)?;
+        if let SessionAffinity::Cookie { name, .. } = &backend.pool.affinity
+            && !is_valid_cookie_name(name)
         {
+            return Err(format!("{what}: {name:?} is not a valid cookie name"));
+        }
+        if backend.pool.proxy_protocol {
             return Err(format!(
-                "{what}: client-IP affinity timeout must be positive"
+                "{what}: the HTTP proxy does not send PROXY protocol headers"
             ));
         }
     }
-    Ok(listeners)
+    let routed = app
+        .routes
+        .hosts
+        .iter()
+        .flat_map(|h| h.paths.iter().map(|p| p.backend.as_str()))
+        .chain(app.routes.default_backend.as_deref());
+    for backend in routed {
+        if !names.contains(backend) {
+            return Err(format!(
+                "a route names backend {backend:?}, which is not defined"
+            ));
+        }
+    }
+    let t = &app.timeouts;
+    if t.connect.is_zero() || t.request.is_zero() || t.idle.is_zero() {
+        return Err("HTTP timeouts must be positive".into());
+    }
+    let certificates = match &app.https {
+        Some(https) => Some(Arc::new(
+            CertStore::build(&https.certificates).map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    Ok(Plan::Application(Box::new(dataplane::http::Plan {
+        app: app.clone(),
+        certificates,
+    })))
+}
+
+/// Targets and health check of a pool, alike for L4 listeners and L7 backends.
+fn validate_pool(what: &str, pool: &TargetPool) -> Result<(), String> {
+    for t in &pool.targets {
+        if t.port == 0 {
+            return Err(format!("{what}: target {} has port 0", t.node));
+        }
+        // The data plane dials targets and probes them; nothing may leave loopback.
+        if !t.address.is_loopback() {
+            return Err(format!(
+                "{what}: target {} at {} is not a loopback address",
+                t.node, t.address
+            ));
+        }
+    }
+    let hc = &pool.health_check;
+    match &hc.probe {
+        Probe::Http { port, path } => {
+            if *port == 0 {
+                return Err(format!("{what}: health check port 0"));
+            }
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(format!(
+                    "{what}: health check path {path:?} is not an absolute path"
+                ));
+            }
+        }
+        Probe::Tcp { port } => {
+            if *port == 0 {
+                return Err(format!("{what}: health check port 0"));
+            }
+        }
+    }
+    if hc.interval.is_zero() || hc.timeout.is_zero() {
+        return Err(format!(
+            "{what}: health check interval and timeout must be positive"
+        ));
+    }
+    if hc.healthy_threshold == 0 || hc.unhealthy_threshold == 0 {
+        return Err(format!(
+            "{what}: health check thresholds must be at least 1"
+        ));
+    }
+    if let SessionAffinity::ClientIp { timeout } = pool.affinity
+        && timeout.is_zero()
+    {
+        return Err(format!(
+            "{what}: client-IP affinity timeout must be positive"
+        ));
+    }
+    Ok(())
 }

@@ -1,5 +1,5 @@
 //! The local cloud: a daemon with a small HTTP/JSON API that provisions load balancers on
-//! loopback addresses, whose data plane is an L4 proxy in this crate, and the
+//! loopback addresses, whose data plane is an L4 and HTTP(S) proxy in this crate, and the
 //! [`LocalCloudProvider`] through which Portico drives it.
 //!
 //! Layout: [`daemon`] wires the [`api`] server to the [`cloud`] (the registry of load

@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "A local cloud: load balancers on loopback addresses, proxied by Portico's own L4 data plane"
+    about = "A local cloud: load balancers on loopback addresses, proxied by Portico's own L4 and HTTP(S) data plane"
 )]
 struct Args {
     /// Address of the HTTP/JSON API (loopback only).

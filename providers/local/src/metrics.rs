@@ -5,6 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
 use crate::dataplane::health::Health;
+use crate::dataplane::http::stats::CLASSES;
 use crate::dataplane::{ListenerStats, LoadBalancer};
 use crate::pool::AddressPool;
 
@@ -103,6 +104,27 @@ pub fn render(pool: AddressPool, lbs: &[(&str, &LoadBalancer)]) -> String {
             out,
             "{PREFIX}_bytes_total{{{l},direction=\"to_client\"}} {to_client}"
         );
+    }
+
+    header(
+        &mut out,
+        "http_requests_total",
+        "counter",
+        "HTTP responses of application load balancers by backend (empty: none, e.g. 404) and status class.",
+    );
+    for (lb, plane) in lbs {
+        let Some(http) = plane.http() else { continue };
+        for (backend, counters) in http.request_stats() {
+            for (i, class) in CLASSES.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "{PREFIX}_http_requests_total{{lb=\"{}\",backend=\"{}\",class=\"{class}\"}} {}",
+                    escape(lb),
+                    escape(backend.unwrap_or("")),
+                    counters.get(i)
+                );
+            }
+        }
     }
 
     header(

@@ -1,4 +1,5 @@
-//! The data plane: the L4 proxy serving one load balancer's listeners.
+//! The data plane: the L4 proxy serving one load balancer's listeners, or the L7 proxy
+//! ([`http`]) serving its HTTP(S) ports.
 //!
 //! Each listener runs one accept (or receive) task that owns its socket; the routing
 //! configuration reaches it as an immutable [`select::PoolSnapshot`] through a `watch`
@@ -7,6 +8,7 @@
 
 pub mod affinity;
 pub mod health;
+pub mod http;
 pub mod proxy_protocol;
 pub mod select;
 pub mod source_ranges;
@@ -69,6 +71,13 @@ impl Drop for ActiveGuard {
 
 type ListenerKey = (Protocol, u16);
 
+/// What a load balancer serves, validated (see [`crate::cloud::validate`]).
+#[derive(Debug)]
+pub enum Plan {
+    Network(Vec<Listener>),
+    Application(Box<http::Plan>),
+}
+
 /// One load balancer's listeners and probers on its address.
 pub struct LoadBalancer {
     name: String,
@@ -78,6 +87,8 @@ pub struct LoadBalancer {
     health: HealthRegistry,
     /// Cancelled when the load balancer goes away: closes every connection it carries.
     connections: CancellationToken,
+    /// Present while the load balancer is an application (L7) one.
+    http: Option<http::HttpFrontend>,
 }
 
 struct RunningListener {
@@ -105,6 +116,7 @@ impl LoadBalancer {
             ports: Vec::new(),
             health: HealthRegistry::default(),
             connections: CancellationToken::new(),
+            http: None,
         }
     }
 
@@ -121,25 +133,15 @@ impl LoadBalancer {
         source_ranges: &[IpNet],
         listeners: &[Listener],
     ) -> Vec<PortStatus> {
+        if let Some(http) = self.http.take() {
+            // An application load balancer turned network one: its HTTP ports go first.
+            http.shutdown().await;
+        }
         let wanted: BTreeMap<ListenerKey, &Listener> = listeners
             .iter()
             .map(|l| ((l.protocol, l.port), l))
             .collect();
-
-        let removed: Vec<ListenerKey> = self
-            .listeners
-            .keys()
-            .filter(|k| !wanted.contains_key(k))
-            .copied()
-            .collect();
-        for key in removed {
-            if let Some(listener) = self.listeners.remove(&key) {
-                listener.stop.cancel();
-                // Waiting lets a later apply bind the same port again straight away.
-                let _ = listener.task.await;
-                tracing::info!(lb = %self.name, protocol = %key.0, port = key.1, "listener removed");
-            }
-        }
+        self.remove_listeners(|k| !wanted.contains_key(k)).await;
 
         let probes = listeners
             .iter()
@@ -188,6 +190,47 @@ impl LoadBalancer {
         ports
     }
 
+    /// Applies a validated plan: L4 listeners, or an HTTP(S) frontend.
+    pub async fn apply_plan(&mut self, source_ranges: &[IpNet], plan: &Plan) -> Vec<PortStatus> {
+        let plan = match plan {
+            Plan::Network(listeners) => return self.apply(source_ranges, listeners).await,
+            Plan::Application(plan) => plan,
+        };
+        // A network load balancer turned application one: its L4 listeners go first.
+        self.remove_listeners(|_| true).await;
+        self.health.apply(&self.name, plan.probes());
+        let http = self.http.get_or_insert_with(|| {
+            http::HttpFrontend::new(
+                &self.name,
+                self.address,
+                self.connections.child_token(),
+                plan,
+                &self.health,
+            )
+        });
+        let ports = http.apply(source_ranges, plan, &self.health).await;
+        self.ports = ports.clone();
+        ports
+    }
+
+    /// Stops the L4 listeners whose key matches; their TCP connections run on.
+    async fn remove_listeners(&mut self, remove: impl Fn(&ListenerKey) -> bool) {
+        let removed: Vec<ListenerKey> = self
+            .listeners
+            .keys()
+            .filter(|k| remove(k))
+            .copied()
+            .collect();
+        for key in removed {
+            if let Some(listener) = self.listeners.remove(&key) {
+                listener.stop.cancel();
+                // Waiting lets a later apply bind the same port again straight away.
+                let _ = listener.task.await;
+                tracing::info!(lb = %self.name, protocol = %key.0, port = key.1, "listener removed");
+            }
+        }
+    }
+
     /// The statuses of the last [`Self::apply`].
     pub fn ports(&self) -> &[PortStatus] {
         &self.ports
@@ -201,21 +244,40 @@ impl LoadBalancer {
     /// Stops every listener and prober and closes every connection.
     pub async fn shutdown(mut self) {
         self.connections.cancel();
+        if let Some(http) = self.http.take() {
+            http.shutdown().await;
+        }
         for listener in std::mem::take(&mut self.listeners).into_values() {
             listener.stop.cancel();
             let _ = listener.task.await;
         }
     }
 
+    /// L4 listeners, then HTTP(S) ports (named `http` and `https`).
     pub fn listener_stats(&self) -> impl Iterator<Item = ListenerStats<'_>> {
-        self.listeners
+        let l4 = self
+            .listeners
             .iter()
             .map(|(&(protocol, port), l)| ListenerStats {
                 name: &l.name,
                 protocol,
                 port,
                 stats: &l.stats,
+            });
+        let l7 = self.http.iter().flat_map(|h| {
+            h.port_stats().map(|p| ListenerStats {
+                name: if p.tls { "https" } else { "http" },
+                protocol: Protocol::Tcp,
+                port: p.port,
+                stats: p.stats,
             })
+        });
+        l4.chain(l7)
+    }
+
+    /// The HTTP frontend, while this is an application load balancer.
+    pub fn http(&self) -> Option<&http::HttpFrontend> {
+        self.http.as_ref()
     }
 
     pub fn health(&self) -> &HealthRegistry {

@@ -33,6 +33,13 @@ pub struct PoolSnapshot {
 }
 
 impl PoolSnapshot {
+    /// True when the target at `i` may get traffic now (what a pinned client needs to stay).
+    pub fn usable(&self, i: usize) -> bool {
+        self.backends
+            .get(i)
+            .is_some_and(|b| b.health.get() == self.routable())
+    }
+
     /// The health a target needs to be routed to: healthy when any target is, otherwise
     /// not-yet-probed (fail open until the first verdicts). Never unhealthy: a target failing
     /// its check (a node without local endpoints) must get nothing.

@@ -27,9 +27,10 @@ pub struct Net {
 
 impl Net {
     pub fn new(a: u8, b: u8) -> Self {
+        // 127.90-99 for L4 tests, 127.100-109 for L7 (HTTP) tests.
         assert!(
-            (90..=99).contains(&a),
-            "tests stay inside 127.90.0.0-127.99.255.255"
+            (90..=109).contains(&a),
+            "tests stay inside 127.90.0.0-127.109.255.255"
         );
         Net { a, b }
     }

@@ -1,0 +1,286 @@
+//! The L7 data plane: HTTP(S) load balancers (`Frontend::Application`).
+//!
+//! One [`HttpFrontend`] per load balancer serves its plain HTTP port and, with TLS, its HTTPS
+//! port. Every request reads the current [`config::Snapshot`] (routes, backends, timeouts)
+//! with one lock-free load, so an update swaps the snapshot without touching listeners or
+//! in-flight requests; certificates rotate the same way inside [`tls::SniResolver`].
+//!
+//! Modules: [`config`] (the snapshot), [`balance`] (target choice and cookie affinity),
+//! [`headers`] (hop-by-hop and forwarding headers), [`proxy`] (one request), [`upstream`]
+//! (connections to targets), [`body`] (response bodies), [`server`] (listeners and client
+//! connections), [`tls`] (certificates), [`stats`] (request counters).
+
+pub mod balance;
+mod body;
+pub mod config;
+pub mod headers;
+mod proxy;
+mod server;
+pub mod stats;
+pub mod tls;
+mod upstream;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+use portico_provider::{ApplicationFrontend, PortStatus, Protocol};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use self::config::{BackendState, Snapshot};
+use self::proxy::Shared;
+use self::stats::RequestCounters;
+use self::tls::{CertStore, SniResolver};
+use self::upstream::UpstreamClient;
+use super::Stats;
+use super::health::{HealthRegistry, ProbeKey};
+use super::source_ranges::SourceRanges;
+
+/// A validated application frontend, its certificates parsed.
+#[derive(Debug)]
+pub struct Plan {
+    pub app: ApplicationFrontend,
+    /// Present when the frontend has an HTTPS listener.
+    pub certificates: Option<Arc<CertStore>>,
+}
+
+impl Plan {
+    /// The (address, probe) pairs to health-check, with check settings and node names.
+    pub fn probes(&self) -> Vec<(ProbeKey, portico_provider::HealthCheck, String)> {
+        self.app
+            .backends
+            .iter()
+            .flat_map(|b| {
+                b.pool.targets.iter().map(|t| {
+                    (
+                        ProbeKey::new(t.address, &b.pool.health_check.probe),
+                        b.pool.health_check.clone(),
+                        t.node.clone(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// The ports to serve: plain HTTP, then HTTPS when configured (`true` = TLS).
+    fn ports(&self) -> Vec<(u16, bool)> {
+        let mut ports = vec![(self.app.http_port, false)];
+        ports.extend(self.app.https.as_ref().map(|h| (h.port, true)));
+        ports
+    }
+}
+
+/// One L7 load balancer's listeners and configuration.
+pub struct HttpFrontend {
+    shared: Arc<Shared>,
+    address: IpAddr,
+    ports: BTreeMap<u16, RunningPort>,
+    tls: Option<(Arc<SniResolver>, TlsAcceptor)>,
+    /// Backend state that outlives updates, by backend name.
+    states: HashMap<String, Arc<BackendState>>,
+    /// Reused across updates (its pooled connections with it) while the connect timeout
+    /// stays the same.
+    client: (Duration, UpstreamClient),
+}
+
+struct RunningPort {
+    tls: bool,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    stats: Arc<Stats>,
+}
+
+/// A port's counters with what identifies it, for metrics.
+pub struct PortStats<'a> {
+    pub port: u16,
+    pub tls: bool,
+    pub stats: &'a Stats,
+}
+
+impl HttpFrontend {
+    /// Serves nothing until [`Self::apply`]. `connections` ends every connection when
+    /// cancelled.
+    pub fn new(
+        lb: &str,
+        address: IpAddr,
+        connections: CancellationToken,
+        plan: &Plan,
+        health: &HealthRegistry,
+    ) -> Self {
+        let connect = plan.app.timeouts.connect;
+        let client = upstream::client(connect);
+        let mut states = HashMap::new();
+        let snapshot = Snapshot::build(
+            &plan.app,
+            SourceRanges::default(),
+            health,
+            &mut states,
+            client.clone(),
+        );
+        HttpFrontend {
+            shared: Arc::new(Shared {
+                lb: lb.into(),
+                config: ArcSwap::from_pointee(snapshot),
+                unrouted: RequestCounters::default(),
+                connections,
+            }),
+            address,
+            ports: BTreeMap::new(),
+            tls: None,
+            states,
+            client: (connect, client),
+        }
+    }
+
+    /// Brings the frontend to `plan`: the new snapshot and certificates apply to the next
+    /// request and handshake; kept ports keep their sockets and connections; removed ports
+    /// stop accepting and let their connections finish. Returns one status per port.
+    pub async fn apply(
+        &mut self,
+        source_ranges: &[IpNet],
+        plan: &Plan,
+        health: &HealthRegistry,
+    ) -> Vec<PortStatus> {
+        if let Some(certificates) = &plan.certificates {
+            match &self.tls {
+                Some((resolver, _)) => resolver.rotate(certificates.clone()),
+                None => {
+                    let resolver = Arc::new(SniResolver::new(certificates.clone()));
+                    let acceptor = TlsAcceptor::from(tls::server_config(resolver.clone()));
+                    self.tls = Some((resolver, acceptor));
+                }
+            }
+        }
+        if self.client.0 != plan.app.timeouts.connect {
+            self.client = (
+                plan.app.timeouts.connect,
+                upstream::client(plan.app.timeouts.connect),
+            );
+        }
+        let snapshot = Snapshot::build(
+            &plan.app,
+            SourceRanges::new(source_ranges),
+            health,
+            &mut self.states,
+            self.client.1.clone(),
+        );
+        self.shared.config.store(Arc::new(snapshot));
+
+        let wanted = plan.ports();
+        let stale: Vec<u16> = self
+            .ports
+            .iter()
+            .filter(|(port, running)| !wanted.contains(&(**port, running.tls)))
+            .map(|(port, _)| *port)
+            .collect();
+        for port in stale {
+            if let Some(running) = self.ports.remove(&port) {
+                running.stop.cancel();
+                // Waiting lets the port be bound again straight away (plain <-> TLS).
+                let _ = running.task.await;
+                tracing::info!(lb = %self.shared.lb, port, "HTTP listener removed");
+            }
+        }
+
+        let mut statuses = Vec::with_capacity(wanted.len());
+        for (port, tls) in wanted {
+            let error = if self.ports.contains_key(&port) {
+                None
+            } else {
+                match self.start_port(port, tls) {
+                    Ok(running) => {
+                        self.ports.insert(port, running);
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(lb = %self.shared.lb, port, error = %e, "cannot serve port");
+                        Some(e.to_string())
+                    }
+                }
+            };
+            statuses.push(PortStatus {
+                protocol: Protocol::Tcp,
+                port,
+                error,
+            });
+        }
+        statuses
+    }
+
+    fn start_port(&self, port: u16, tls: bool) -> std::io::Result<RunningPort> {
+        let local = SocketAddr::new(self.address, port);
+        let socket = super::tcp::bind(local)?;
+        let stop = CancellationToken::new();
+        let stats = Arc::new(Stats::default());
+        let acceptor = if tls {
+            let (_, acceptor) = self
+                .tls
+                .as_ref()
+                .expect("an HTTPS port comes with certificates");
+            Some(acceptor.clone())
+        } else {
+            None
+        };
+        let task = tokio::spawn(server::serve(
+            socket,
+            server::Port {
+                shared: self.shared.clone(),
+                local,
+                tls: acceptor,
+                stats: stats.clone(),
+                stop: stop.clone(),
+            },
+        ));
+        tracing::info!(lb = %self.shared.lb, %local, tls, "listening (HTTP)");
+        Ok(RunningPort {
+            tls,
+            stop,
+            task,
+            stats,
+        })
+    }
+
+    /// Stops every listener and closes every connection.
+    pub async fn shutdown(mut self) {
+        self.shared.connections.cancel();
+        for running in std::mem::take(&mut self.ports).into_values() {
+            running.stop.cancel();
+            let _ = running.task.await;
+        }
+    }
+
+    pub fn port_stats(&self) -> impl Iterator<Item = PortStats<'_>> {
+        self.ports.iter().map(|(&port, running)| PortStats {
+            port,
+            tls: running.tls,
+            stats: &running.stats,
+        })
+    }
+
+    /// Responses by backend (sorted by name), then those no backend answered (`None`).
+    pub fn request_stats(&self) -> Vec<(Option<&str>, &RequestCounters)> {
+        let mut stats: Vec<_> = self
+            .states
+            .iter()
+            .map(|(name, state)| (Some(name.as_str()), &state.requests))
+            .collect();
+        stats.sort_by(|a, b| a.0.cmp(&b.0));
+        stats.push((None, &self.shared.unrouted));
+        stats
+    }
+}
+
+impl Drop for HttpFrontend {
+    /// Dropped without [`Self::shutdown`], the sockets are still released.
+    fn drop(&mut self) {
+        self.shared.connections.cancel();
+        for running in self.ports.values() {
+            running.stop.cancel();
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! HTTP(S) listeners: accept, admit by source range, terminate TLS, and serve HTTP/1.1
+//! (keep-alive) and HTTP/2 on each connection with [`proxy::handle`] per request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::proxy::{self, ClientConn, Shared};
+use crate::dataplane::{ActiveGuard, Stats};
+
+/// A client gets this long to complete its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one listener's accept loop works with.
+pub(super) struct Port {
+    pub shared: Arc<Shared>,
+    pub local: SocketAddr,
+    /// Present on the HTTPS port.
+    pub tls: Option<TlsAcceptor>,
+    pub stats: Arc<Stats>,
+    /// Stop accepting (the port was removed); open connections finish their requests.
+    pub stop: CancellationToken,
+}
+
+pub(super) async fn serve(listener: TcpListener, port: Port) {
+    let port = Arc::new(port);
+    let stopped = port.stop.cancelled();
+    tokio::pin!(stopped);
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = &mut stopped => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::debug!(lb = %port.shared.lb, local = %port.local, error = %e, "accept failed");
+                    // Out of descriptors accept fails at once every time; don't spin.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        if !port.shared.config.load().source_ranges.allows(peer.ip()) {
+            Stats::add(&port.stats.rejected_source, 1);
+            tracing::debug!(lb = %port.shared.lb, client = %peer, "client outside the source ranges");
+            let _ = stream.set_zero_linger();
+            continue;
+        }
+        Stats::add(&port.stats.accepted, 1);
+        tokio::spawn(connection(port.clone(), stream, peer));
+    }
+}
+
+async fn connection(port: Arc<Port>, stream: TcpStream, peer: SocketAddr) {
+    let _active = ActiveGuard::new(&port.stats);
+    let _ = stream.set_nodelay(true);
+    let client_ip = peer.ip().to_canonical();
+    let conn = Arc::new(ClientConn {
+        shared: port.shared.clone(),
+        client_ip,
+        client_ip_header: HeaderValue::try_from(client_ip.to_string())
+            .expect("an IP address is a valid header value"),
+        tls: port.tls.is_some(),
+    });
+    match &port.tls {
+        None => serve_http(&port, conn, stream).await,
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+            let stream = tokio::select! {
+                biased;
+                _ = port.shared.connections.cancelled() => return,
+                r = handshake => match r {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(lb = %port.shared.lb, client = %peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                },
+            };
+            serve_http(&port, conn, stream).await;
+        }
+    }
+}
+
+async fn serve_http<I>(port: &Port, conn: Arc<ClientConn>, io: I)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // The connection keeps the protocol settings (idle timeout) it started with.
+    let snapshot = port.shared.config.load_full();
+    let service = service_fn(move |req| proxy::handle(conn.clone(), req));
+    let connection = snapshot
+        .server
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let closing = port.shared.connections.cancelled();
+    tokio::pin!(closing);
+    tokio::select! {
+        biased;
+        // The load balancer is gone: drop the connection and whatever it carries.
+        _ = &mut closing => return,
+        _ = connection.as_mut() => return,
+        // The port is gone: finish in-flight requests, then close (HTTP/2 sends GOAWAY).
+        _ = port.stop.cancelled() => connection.as_mut().graceful_shutdown(),
+    }
+    tokio::select! {
+        biased;
+        _ = &mut closing => {}
+        _ = connection.as_mut() => {}
+    }
+}
