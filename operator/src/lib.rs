@@ -2,6 +2,7 @@
 //! load balancers through a [`portico_provider::Provider`].
 
 pub mod backoff;
+pub mod ensured;
 pub mod error;
 pub mod gc;
 pub mod http;

@@ -5,6 +5,7 @@ use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
+use portico_provider::{LoadBalancerName, Ownership};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -47,6 +48,26 @@ fn ignore_not_found<T>(result: Result<T>) -> Result<()> {
 /// `namespace/name`, for logs and per-object bookkeeping.
 pub fn key<K: Served>(obj: &K) -> String {
     format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// The owner recorded on the load balancer of `obj` (of kind `kind`).
+pub fn ownership<K: Resource>(cluster_id: &str, kind: &str, obj: &K) -> Ownership {
+    let meta = obj.meta();
+    Ownership {
+        cluster_id: cluster_id.to_string(),
+        object_uid: meta.uid.clone().unwrap_or_default(),
+        object_ref: format!(
+            "{kind}/{}/{}",
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.name.as_deref().unwrap_or_default()
+        ),
+    }
+}
+
+/// The load balancer name of `obj`: deterministic from its UID, so it is found again after a
+/// restart or an interrupted reconcile.
+pub fn load_balancer_name<K: Resource>(obj: &K) -> LoadBalancerName {
+    LoadBalancerName::for_object_uid(obj.meta().uid.as_deref().unwrap_or_default())
 }
 
 pub fn has_finalizer<K: Served>(obj: &K, finalizer: &str) -> bool {

@@ -3,8 +3,7 @@
 //! The desired load balancer comes from [`super::translate`] (pure); this module reads what the
 //! Ingress refers to, calls the provider and writes the outcome back.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -16,13 +15,14 @@ use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use portico_provider::{LoadBalancerSpec, Provider, ProviderError};
+use portico_provider::{Provider, ProviderError};
 use serde_json::json;
 
 use super::class::IngressClasses;
 use super::translate::{self, Referenced, referenced_secrets, referenced_services};
 use super::{FINALIZER, status};
 use crate::backoff::Backoff;
+use crate::ensured::EnsuredSpecs;
 use crate::error::{Error, Result, kube_call};
 use crate::metrics::Metrics;
 use crate::object;
@@ -40,7 +40,7 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub backoff: Backoff,
     pub resync: Duration,
-    ensured: Mutex<HashMap<String, (LoadBalancerSpec, Instant)>>,
+    ensured: EnsuredSpecs,
 }
 
 impl Context {
@@ -65,7 +65,7 @@ impl Context {
             metrics,
             backoff: Backoff::default(),
             resync,
-            ensured: Mutex::default(),
+            ensured: EnsuredSpecs::default(),
         }
     }
 }
@@ -148,11 +148,8 @@ async fn ensure(ingress: &Ingress, ctx: &Context) -> Result<Action> {
             }
         };
 
-    let previous = ctx.ensured.lock().expect("ensured lock").get(&uid).cloned();
-    let changed = previous.as_ref().is_none_or(|(last, _)| *last != desired);
-    if let Some((_, at)) = &previous
-        && !changed
-        && at.elapsed() < ctx.resync
+    let changed = ctx.ensured.changed(&uid, &desired);
+    if let Some(due) = ctx.ensured.due_in(&uid, &desired, ctx.resync)
         && ingress
             .status
             .as_ref()
@@ -160,7 +157,7 @@ async fn ensure(ingress: &Ingress, ctx: &Context) -> Result<Action> {
             .and_then(|l| l.ingress.as_ref())
             .is_some_and(|i| !i.is_empty())
     {
-        return Ok(Action::requeue(ctx.resync - at.elapsed()));
+        return Ok(Action::requeue(due));
     }
 
     // Before anything exists in the cloud, so deleting the Ingress cannot leak it.
@@ -201,14 +198,11 @@ async fn ensure(ingress: &Ingress, ctx: &Context) -> Result<Action> {
                 )
                 .await;
             }
-            ctx.ensured
-                .lock()
-                .expect("ensured lock")
-                .insert(uid, (desired, Instant::now()));
+            ctx.ensured.record(uid, desired);
             Ok(Action::requeue(ctx.resync))
         }
         Err(e) => {
-            ctx.ensured.lock().expect("ensured lock").remove(&uid);
+            ctx.ensured.forget(&uid);
             if !matches!(e, ProviderError::RetryAfter { .. }) {
                 object::publish(
                     &ctx.recorder,
@@ -249,10 +243,7 @@ async fn cleanup(ingress: &Ingress, ctx: &Context) -> Result<Action> {
         .await;
         return Err(Error::Provider(e));
     }
-    ctx.ensured
-        .lock()
-        .expect("ensured lock")
-        .remove(&ingress.uid().unwrap_or_default());
+    ctx.ensured.forget(&ingress.uid().unwrap_or_default());
     object::publish(
         &ctx.recorder,
         ingress,

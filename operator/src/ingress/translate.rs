@@ -79,19 +79,11 @@ fn backends(ingress: &Ingress) -> impl Iterator<Item = &IngressBackend> {
 }
 
 pub fn ownership(cluster_id: &str, ingress: &Ingress) -> Ownership {
-    Ownership {
-        cluster_id: cluster_id.to_string(),
-        object_uid: ingress.metadata.uid.clone().unwrap_or_default(),
-        object_ref: format!(
-            "Ingress/{}/{}",
-            ingress.metadata.namespace.as_deref().unwrap_or_default(),
-            ingress.metadata.name.as_deref().unwrap_or_default()
-        ),
-    }
+    crate::object::ownership(cluster_id, "Ingress", ingress)
 }
 
 pub fn load_balancer_name(ingress: &Ingress) -> LoadBalancerName {
-    LoadBalancerName::for_object_uid(ingress.metadata.uid.as_deref().unwrap_or_default())
+    crate::object::load_balancer_name(ingress)
 }
 
 /// The application load balancer `ingress` should have.

@@ -3,8 +3,7 @@
 //! Desired state comes from pure code ([`super::translate`], [`super::status`]); this module
 //! only reads the caches, calls the provider and writes the results back.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -15,7 +14,7 @@ use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use portico_provider::{LoadBalancerSpec, Provider, ProviderError};
+use portico_provider::{Provider, ProviderError};
 use serde_json::json;
 
 use super::FINALIZER;
@@ -24,6 +23,7 @@ use super::nodes::eligible_nodes;
 use super::status;
 use super::translate::{desired_load_balancer, load_balancer_name, ownership};
 use crate::backoff::Backoff;
+use crate::ensured::EnsuredSpecs;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::object;
@@ -53,9 +53,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub backoff: Backoff,
-    /// The last spec ensured per Service UID and when, to skip cloud calls when a reconcile
-    /// was only triggered by our own status write.
-    ensured: Mutex<HashMap<String, (LoadBalancerSpec, Instant)>>,
+    ensured: EnsuredSpecs,
     /// How often a served load balancer is ensured again even if nothing changed, to repair
     /// drift on the provider's side.
     pub resync: Duration,
@@ -79,16 +77,9 @@ impl Context {
             recorder,
             metrics,
             backoff: Backoff::default(),
-            ensured: Mutex::default(),
+            ensured: EnsuredSpecs::default(),
             resync: settings.resync,
         }
-    }
-
-    fn recently_ensured(&self, uid: &str, spec: &LoadBalancerSpec) -> Option<Duration> {
-        let ensured = self.ensured.lock().expect("ensured lock");
-        let (last, at) = ensured.get(uid)?;
-        let age = at.elapsed();
-        (last == spec && age < self.resync).then(|| self.resync - age)
     }
 }
 
@@ -160,7 +151,7 @@ async fn ensure(svc: &Service, ctx: &Context) -> Result<Action> {
         }
     };
 
-    if let Some(wait) = ctx.recently_ensured(&uid, &desired) {
+    if let Some(wait) = ctx.ensured.due_in(&uid, &desired, ctx.resync) {
         let current_ok = status::current_condition(svc).is_some_and(|c| c.status == "True");
         if current_ok {
             return Ok(Action::requeue(wait));
@@ -172,12 +163,7 @@ async fn ensure(svc: &Service, ctx: &Context) -> Result<Action> {
         object::add_finalizer(&ctx.client, svc, FINALIZER).await?;
     }
 
-    let changed = ctx
-        .ensured
-        .lock()
-        .expect("ensured lock")
-        .get(&uid)
-        .is_none_or(|(last, _)| *last != desired);
+    let changed = ctx.ensured.changed(&uid, &desired);
     if changed {
         publish(
             ctx,
@@ -247,14 +233,11 @@ async fn ensure(svc: &Service, ctx: &Context) -> Result<Action> {
                 )
                 .await;
             }
-            ctx.ensured
-                .lock()
-                .expect("ensured lock")
-                .insert(uid, (desired, Instant::now()));
+            ctx.ensured.record(uid, desired);
             Ok(Action::requeue(ctx.resync))
         }
         Err(e) => {
-            ctx.ensured.lock().expect("ensured lock").remove(&uid);
+            ctx.ensured.forget(&uid);
             let (cond_status, reason) = match &e {
                 ProviderError::RetryAfter { .. } => ("Unknown", "Provisioning"),
                 other => ("False", other.reason()),
@@ -300,10 +283,7 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Action> {
         .await;
         return Err(Error::Provider(e));
     }
-    ctx.ensured
-        .lock()
-        .expect("ensured lock")
-        .remove(&svc.uid().unwrap_or_default());
+    ctx.ensured.forget(&svc.uid().unwrap_or_default());
     publish(
         ctx,
         svc,

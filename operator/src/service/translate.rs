@@ -27,21 +27,11 @@ pub struct InvalidService {
 
 /// The owner recorded on the load balancer of `svc`.
 pub fn ownership(cluster_id: &str, svc: &Service) -> Ownership {
-    Ownership {
-        cluster_id: cluster_id.to_string(),
-        object_uid: svc.metadata.uid.clone().unwrap_or_default(),
-        object_ref: format!(
-            "Service/{}/{}",
-            svc.metadata.namespace.as_deref().unwrap_or_default(),
-            svc.metadata.name.as_deref().unwrap_or_default()
-        ),
-    }
+    crate::object::ownership(cluster_id, "Service", svc)
 }
 
-/// The load balancer name of `svc`: deterministic from its UID, so it is found again after a
-/// restart or an interrupted reconcile.
 pub fn load_balancer_name(svc: &Service) -> LoadBalancerName {
-    LoadBalancerName::for_object_uid(svc.metadata.uid.as_deref().unwrap_or_default())
+    crate::object::load_balancer_name(svc)
 }
 
 /// The load balancer `svc` should have, targeting the node ports of `nodes`.
