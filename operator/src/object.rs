@@ -135,7 +135,9 @@ pub async fn patch_status<K: Served>(
     )
 }
 
-/// Events are best effort: failing to record one must not fail the reconcile.
+/// Events are best effort: failing to record one must not fail the reconcile, and recording
+/// one must not delay it either, so it is written off the reconcile's path (with its own
+/// timeout). Their timestamps, not their arrival, order them.
 pub async fn publish<K: Served>(
     recorder: &Recorder,
     obj: &K,
@@ -151,16 +153,17 @@ pub async fn publish<K: Served>(
         secondary: None,
     };
     let reference = obj.object_ref(&());
-    match tokio::time::timeout(
-        crate::error::API_TIMEOUT,
-        recorder.publish(&event, &reference),
-    )
-    .await
-    {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(object = %key(obj), reason, error = %e, "could not record event")
+    let (recorder, object, reason) = (recorder.clone(), key(obj), reason.to_string());
+    tokio::spawn(async move {
+        match tokio::time::timeout(
+            crate::error::API_TIMEOUT,
+            recorder.publish(&event, &reference),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(%object, %reason, error = %e, "could not record event"),
+            Err(_) => tracing::warn!(%object, %reason, "recording an event timed out"),
         }
-        Err(_) => tracing::warn!(object = %key(obj), reason, "recording an event timed out"),
-    }
+    });
 }
