@@ -79,13 +79,50 @@ die() {
   exit 1
 }
 
-# ---------------------------------------------------------------------------------------------
-# Prerequisites
-
 sudo_cmd=()
 if [[ $EUID -ne 0 ]]; then
   sudo_cmd=(sudo)
 fi
+
+# ---------------------------------------------------------------------------------------------
+# Processes, temporary files and clean-up
+
+tmp=$(mktemp -d -t portico-bench-l4.XXXXXX)
+pids=()
+policy_rc_created=0
+
+stop_pid() {
+  local pid=$1 i
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for ((i = 0; i < 50; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "pid $pid ignored SIGTERM; killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local rc=$? i
+  trap - EXIT INT TERM
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    stop_pid "${pids[i]}"
+  done
+  rm -rf "$tmp"
+  if [[ $policy_rc_created -eq 1 ]]; then
+    "${sudo_cmd[@]}" rm -f /usr/sbin/policy-rc.d
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------------------------------------
+# Prerequisites
 
 # A command from PATH or from the sbin directories a non-root PATH may lack.
 find_bin() {
@@ -106,12 +143,12 @@ find_bin() {
 # apt-get install, after one apt-get update, with service starts denied by policy-rc.d so the
 # packages' own daemons (nginx on *:80) do not start. An existing policy-rc.d is left alone.
 apt_install() {
-  local created=0 rc=0
+  local rc=0
   if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    policy_rc_created=1
     printf '#!/bin/sh\n# bench-l4.sh: no service starts while it installs packages\nexit 101\n' |
       "${sudo_cmd[@]}" tee /usr/sbin/policy-rc.d >/dev/null
     "${sudo_cmd[@]}" chmod 755 /usr/sbin/policy-rc.d
-    created=1
   fi
   "${sudo_cmd[@]}" apt-get update -q || rc=$?
   if [[ $rc -eq 0 ]]; then
@@ -126,8 +163,9 @@ apt_install() {
     log "installing ${pkgs[*]}"
     "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${pkgs[@]}" || rc=$?
   fi
-  if [[ $created -eq 1 ]]; then
+  if [[ $policy_rc_created -eq 1 ]]; then
     "${sudo_cmd[@]}" rm -f /usr/sbin/policy-rc.d
+    policy_rc_created=0
   fi
   return "$rc"
 }
@@ -159,39 +197,6 @@ wrk_cmd=("$wrk_bin")
 if [[ -n $wrk_cpu ]]; then
   wrk_cmd=(taskset -c "$wrk_cpu" "$wrk_bin")
 fi
-
-# ---------------------------------------------------------------------------------------------
-# Processes, temporary files and clean-up
-
-tmp=$(mktemp -d -t portico-bench-l4.XXXXXX)
-pids=()
-
-stop_pid() {
-  local pid=$1 i
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for ((i = 0; i < 50; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$pid" 2>/dev/null; then
-    log "pid $pid ignored SIGTERM; killing it"
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-  local rc=$? i
-  trap - EXIT INT TERM
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    stop_pid "${pids[i]}"
-  done
-  rm -rf "$tmp"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 
 # Fails unless the process started last is still running after a moment.
 check_alive() {
@@ -488,7 +493,10 @@ run_wrk() {
     fi
     repeats=$((repeats + 1))
     log "round $round $test $target: other processes took ${foreign}% of the CPU; measuring again"
-    wait_for_quiet 20 >/dev/null
+    if [[ $(wait_for_quiet 20) -gt $max_foreign ]]; then
+      # The machine stays busy: measuring again would only take longer.
+      repeats=6
+    fi
   done
   local requests duration_us bytes p50 p99 errors non2xx
   read -r requests duration_us bytes p50 p99 errors non2xx < <(
@@ -569,6 +577,10 @@ fi
   echo "- targets: \`$nginx_version\`, 3 addresses, \`worker_processes auto\`"
   echo "- client: \`$wrk_version\`, 1 thread, $wrk_pinning"
   echo "- rounds: $rounds, each run ${duration} s after a ${warmup} s warm-up of the same test; proxy order alternating; median of the rounds; ${elapsed} s in all"
+  skewed=$(awk -F'\t' -v max="$max_foreign" '$12 > max' "$tmp/runs.tsv" | wc -l)
+  if [[ $skewed -gt 0 ]]; then
+    echo "- **WARNING: in $skewed of the $(wc -l <"$tmp/runs.tsv") measured runs other processes took more than ${max_foreign}% of the CPU (column \"others\"); those numbers are skewed. Run again on a quiet machine.**"
+  fi
   echo "- CPU used by other processes: before each round (idle servers) $quiet_log; during the measured runs at most $(cut -f12 "$tmp/runs.tsv" | sort -n | tail -n 1)% (column \"others\" below); runs measured again because others took more than ${max_foreign}%: $repeats"
   echo
   awk -F'\t' -v clk="$clk_tck" -v ka="$ka_conns" -v cc="$cc_conns" -v bulk="$bulk_conns" '
