@@ -58,7 +58,7 @@ async fn provisioning(count: usize) -> anyhow::Result<()> {
         ..Default::default()
     })
     .await?;
-    let _portico = Portico::start(PorticoConfig::new(
+    let portico = Portico::start(PorticoConfig::new(
         testbed.plan(),
         testbed.kubeconfig_path(),
         testbed.state_dir().join("portico"),
@@ -144,6 +144,7 @@ async fn provisioning(count: usize) -> anyhow::Result<()> {
         .try_collect::<HashMap<String, Instant>>()
         .await?;
     watch.abort();
+    print_operator_metrics(portico.config().plan.operator_metrics()).await;
 
     let got_ip = got_ip.lock().unwrap();
     let mut to_ip: Vec<Duration> = names
@@ -198,4 +199,27 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
 
 fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// The operator's own view: how long its reconciles and provider calls took.
+async fn print_operator_metrics(addr: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return;
+    };
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text).await;
+    println!("\noperator metrics:");
+    for line in text.lines().filter(|l| {
+        l.starts_with("portico_reconcile_duration_seconds_sum")
+            || l.starts_with("portico_reconcile_duration_seconds_count")
+            || l.starts_with("portico_reconciles_total")
+            || l.starts_with("portico_provider_calls_total")
+    }) {
+        println!("  {line}");
+    }
 }

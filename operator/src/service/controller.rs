@@ -151,11 +151,11 @@ async fn ensure(svc: &Service, ctx: &Context) -> Result<Action> {
         }
     };
 
+    // Ensured (and its status written) moments ago: this reconcile was triggered by our own
+    // writes, whose watch events may arrive before the cache shows them. Another cloud call
+    // would change nothing.
     if let Some(wait) = ctx.ensured.due_in(&uid, &desired, ctx.resync) {
-        let current_ok = status::current_condition(svc).is_some_and(|c| c.status == "True");
-        if current_ok {
-            return Ok(Action::requeue(wait));
-        }
+        return Ok(Action::requeue(wait));
     }
 
     // Before anything exists in the cloud, so a deleted Service can never leak it.

@@ -54,16 +54,6 @@ pub fn load_balancer_status_matches(svc: &Service, desired: &LoadBalancerStatus)
     current == desired
 }
 
-/// Portico's condition as it stands on the Service, if any.
-pub fn current_condition(svc: &Service) -> Option<&Condition> {
-    svc.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == CONDITION_TYPE)
-}
-
 /// The Service's condition list with Portico's condition set to (status, reason, message).
 /// Returns `None` when nothing would change. The transition time moves only when the status
 /// does, as Kubernetes conventions ask.
