@@ -111,12 +111,20 @@ async fn provisioning(count: usize) -> anyhow::Result<()> {
             async move {
                 let started = Instant::now();
                 services.create(&PostParams::default(), &lb(&name)).await?;
-                anyhow::Ok((name, started))
+                anyhow::Ok((name, (started, Instant::now())))
             }
         })
         .buffer_unordered(count)
-        .try_collect::<HashMap<String, Instant>>()
+        .try_collect::<HashMap<String, (Instant, Instant)>>()
         .await?;
+    let acknowledged: HashMap<String, Instant> = created
+        .iter()
+        .map(|(n, (_, ack))| (n.clone(), *ack))
+        .collect();
+    let created: HashMap<String, Instant> = created
+        .into_iter()
+        .map(|(n, (started, _))| (n, started))
+        .collect();
 
     let answered = futures::stream::iter(names.clone())
         .map(|name| {
@@ -147,6 +155,10 @@ async fn provisioning(count: usize) -> anyhow::Result<()> {
     print_operator_metrics(portico.config().plan.operator_metrics()).await;
 
     let got_ip = got_ip.lock().unwrap();
+    let mut to_ack: Vec<Duration> = names
+        .iter()
+        .map(|n| acknowledged[n].saturating_duration_since(created[n]))
+        .collect();
     let mut to_ip: Vec<Duration> = names
         .iter()
         .map(|n| got_ip[n].0.saturating_duration_since(created[n]))
@@ -159,6 +171,7 @@ async fn provisioning(count: usize) -> anyhow::Result<()> {
     println!("| {count} Services created at once | p50 | p99 | max |");
     println!("|---|---|---|---|");
     for (what, samples) in [
+        ("create → the API server acknowledges it", &mut to_ack),
         ("create → EXTERNAL-IP in status", &mut to_ip),
         ("create → first successful response", &mut to_answer),
     ] {
