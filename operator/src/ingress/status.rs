@@ -3,36 +3,31 @@
 use k8s_openapi::api::networking::v1::{
     Ingress, IngressLoadBalancerIngress, IngressLoadBalancerStatus, IngressPortStatus,
 };
-use portico_provider::{Address, LoadBalancerStatus};
+use portico_provider::LoadBalancerStatus;
 
+/// `.status.loadBalancer` for what the provider reports: the Service form (one entry per
+/// address, every port on each), in the Ingress API's types, which have the same shape.
 pub fn load_balancer_status(status: &LoadBalancerStatus) -> IngressLoadBalancerStatus {
-    let ports: Vec<IngressPortStatus> = status
-        .ports
-        .iter()
-        .map(|p| IngressPortStatus {
-            port: i32::from(p.port),
-            protocol: p.protocol.as_str().to_string(),
-            error: p.error.clone(),
-        })
-        .collect();
+    let service = crate::service::status::load_balancer_status(status);
     IngressLoadBalancerStatus {
-        ingress: Some(
-            status
-                .addresses
-                .iter()
-                .map(|a| {
-                    let (ip, hostname) = match a {
-                        Address::Ip(ip) => (Some(ip.to_string()), None),
-                        Address::Hostname(h) => (None, Some(h.clone())),
-                    };
-                    IngressLoadBalancerIngress {
-                        ip,
-                        hostname,
-                        ports: (!ports.is_empty()).then(|| ports.clone()),
-                    }
+        ingress: service.ingress.map(|list| {
+            list.into_iter()
+                .map(|i| IngressLoadBalancerIngress {
+                    ip: i.ip,
+                    hostname: i.hostname,
+                    ports: i.ports.map(|ports| {
+                        ports
+                            .into_iter()
+                            .map(|p| IngressPortStatus {
+                                port: p.port,
+                                protocol: p.protocol,
+                                error: p.error,
+                            })
+                            .collect()
+                    }),
                 })
-                .collect(),
-        ),
+                .collect()
+        }),
     }
 }
 
@@ -49,7 +44,7 @@ pub fn matches(ingress: &Ingress, desired: &IngressLoadBalancerStatus) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use portico_provider::{PortStatus, Protocol};
+    use portico_provider::{Address, PortStatus, Protocol};
 
     #[test]
     fn addresses_carry_every_port() {
