@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # Builds kube-apiserver and kube-controller-manager 1.20.2 from Debian bookworm's `kubernetes`
 # source package (the only full Kubernetes source reachable here) and installs etcd from Debian.
-# The binaries are cached outside the repo, keyed by version, so this runs once per machine.
+# The binaries are cached outside the repo, keyed by version and patch, so this runs once per
+# machine.
+#
+# One patch: the source vendors github.com/modern-go/reflect2 v1.0.1, whose map iteration
+# crashes (SIGSEGV in mapiterinit) when built with Go >= 1.18, as bookworm's Go 1.19 is. The
+# API server hits it on every custom resource it decodes, so the vendored copy is replaced by
+# Debian's reflect2 1.0.2, the release that fixed exactly this.
 set -euo pipefail
 
 K8S_DEB_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
 K8S_VERSION="1.20.2"
+# Keep in step with CONTROL_PLANE_BUILD in e2e/src/binaries.rs.
+BUILD="$K8S_VERSION-reflect2-1.0.2"
 CACHE="${PORTICO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/portico}"
-OUT="$CACHE/kubernetes-$K8S_VERSION/bin"
+OUT="$CACHE/kubernetes-$BUILD/bin"
+REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
 
 # Source lines in deb822 form, signed like the machine's own bookworm lines (apt refuses two
 # different Signed-By values for one source). Returns 0 when it added the file.
@@ -35,11 +44,12 @@ command -v etcd >/dev/null || need_apt+=(etcd-server)
 if [ ! -x "$OUT/kube-apiserver" ] || [ ! -x "$OUT/kube-controller-manager" ]; then
   command -v go >/dev/null || need_apt+=(golang-go)
   command -v rsync >/dev/null || need_apt+=(rsync)
+  [ -f "$REFLECT2_SRC/go_above_118.go" ] || need_apt+=(golang-github-modern-go-reflect2-dev)
   need_apt+=(dpkg-dev)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
-  add_deb_src
+  add_deb_src || true
   apt-get update -qq
   apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
@@ -59,6 +69,11 @@ if [ ! -d "$SRC/tree" ]; then
   mv "$(find "$SRC" -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)" "$SRC/tree"
 fi
 cd "$SRC/tree"
+vendored=vendor/github.com/modern-go/reflect2
+if [ ! -f "$vendored/go_above_118.go" ]; then
+  rm -f "$vendored"/*.go "$vendored"/*.s
+  cp "$REFLECT2_SRC"/*.go "$REFLECT2_SRC"/*.s "$vendored/"
+fi
 echo "building kube-apiserver and kube-controller-manager $K8S_VERSION (about 9 minutes on 2 cores)"
 make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$SRC/build.log" 2>&1 || {
   tail -n 50 "$SRC/build.log"; exit 1; }

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 /// The Kubernetes version `e2e/scripts/install-control-plane.sh` builds.
 pub const KUBERNETES_VERSION: &str = "1.20.2";
+/// The cache key of the control-plane build: the version plus the one patch applied to it
+/// (see `e2e/scripts/install-control-plane.sh`, which uses the same key).
+pub const CONTROL_PLANE_BUILD: &str = "1.20.2-reflect2-1.0.2";
 
 const INSTALL_HINT: &str = "run e2e/scripts/install-control-plane.sh (builds kube-apiserver and \
                             kube-controller-manager once per machine, about 10 minutes, and \
@@ -43,7 +46,7 @@ fn cache_dir_from(var: impl Fn(&str) -> Option<OsString>) -> PathBuf {
 /// The directory holding the cached `kube-apiserver` and `kube-controller-manager`.
 pub fn control_plane_bin_dir() -> PathBuf {
     cache_dir()
-        .join(format!("kubernetes-{KUBERNETES_VERSION}"))
+        .join(format!("kubernetes-{CONTROL_PLANE_BUILD}"))
         .join("bin")
 }
 

@@ -10,6 +10,7 @@ pub mod binaries;
 pub mod certs;
 pub mod cli;
 pub mod control_plane;
+pub mod crds;
 pub mod demo;
 pub mod kubeconfig;
 pub mod portico;
