@@ -174,7 +174,4 @@ pub struct ProviderConfigStatus {
     /// The IngressClasses whose `parameters` name this configuration.
     #[serde(default)]
     pub ingress_classes: Vec<String>,
-    /// How many Services and Ingresses this configuration provisions now.
-    #[serde(default)]
-    pub load_balancers: u32,
 }

@@ -154,6 +154,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         state_dir: Some(layout.root().to_path_buf()),
         wait_for_nodes: true,
         ready_timeout: Duration::from_secs(args.timeout),
+        portico_crds: true,
     };
     let me = std::env::current_exe().context("locating portico-testbed itself")?;
     let launch = Testbed::launch(options, slot, Supervision::Detached, Some(me));

@@ -41,6 +41,9 @@ pub struct TestbedOptions {
     pub wait_for_nodes: bool,
     /// How long start-up may take in all.
     pub ready_timeout: Duration,
+    /// Create Portico's CRDs once the API server is up, as an installed chart would have; off
+    /// for tests of the install itself.
+    pub portico_crds: bool,
 }
 
 impl Default for TestbedOptions {
@@ -51,12 +54,15 @@ impl Default for TestbedOptions {
             state_dir: None,
             wait_for_nodes: true,
             ready_timeout: Duration::from_secs(120),
+            portico_crds: true,
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum TestbedError {
+    #[error("installing Portico's CRDs: {0}")]
+    Crds(String),
     #[error(transparent)]
     MissingBinary(#[from] MissingBinary),
     #[error("the agent needs the portico-testbed binary: {0:#}")]
@@ -272,6 +278,12 @@ impl Testbed {
                 readiness::apiserver(client).await
             })
             .await?;
+        }
+
+        if options.portico_crds {
+            crate::crds::install(&client)
+                .await
+                .map_err(|e| TestbedError::Crds(e.to_string()))?;
         }
 
         // The controller manager gives up if the API server is not healthy within 10 s of its

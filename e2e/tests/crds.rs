@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 async fn control_plane_with_crds() -> (Testbed, Client) {
     let testbed = Testbed::start(TestbedOptions {
         nodes: 0,
+        portico_crds: false,
         ..Default::default()
     })
     .await

@@ -9,20 +9,21 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
-use portico_provider::{ObservedLoadBalancer, Provider};
+use portico_provider::ObservedLoadBalancer;
 
 use crate::error::{Result, kube_call};
+use crate::provider_config::registry::{ProviderRegistry, Selection};
 use crate::service::FINALIZER;
-use crate::service::class::ClassPolicy;
 
 /// Which owned load balancers have no Service that still wants them. Pure.
 ///
 /// `services` must be listed *after* `owned`: a load balancer is created only once its Service
 /// exists, so every live owner is then in `services`.
+/// `wants` says whether a Service is to be served by the provider that holds `owned`.
 pub fn orphans<'a>(
     owned: &'a [ObservedLoadBalancer],
     services: &[Service],
-    classes: &ClassPolicy,
+    wants: impl Fn(&Service) -> bool,
 ) -> Vec<&'a ObservedLoadBalancer> {
     let by_uid: HashMap<String, &Service> = services
         .iter()
@@ -33,10 +34,7 @@ pub fn orphans<'a>(
         .filter(|lb| lb.owner.object_ref.starts_with("Service/"))
         .filter(|lb| match by_uid.get(&lb.owner.object_uid) {
             None => true,
-            Some(svc) => {
-                !classes.wants_load_balancer(svc)
-                    && !svc.finalizers().iter().any(|f| f == FINALIZER)
-            }
+            Some(svc) => !wants(svc) && !svc.finalizers().iter().any(|f| f == FINALIZER),
         })
         .collect()
 }
@@ -70,14 +68,32 @@ pub fn ingress_orphans<'a>(
         .collect()
 }
 
-/// Deletes orphaned load balancers of `cluster_id`; returns how many.
+/// Deletes orphaned load balancers of `cluster_id` from every provider; returns how many.
 pub async fn collect(
     client: &Client,
-    provider: &dyn Provider,
+    providers: &ProviderRegistry,
     cluster_id: &str,
-    classes: &ClassPolicy,
 ) -> Result<usize> {
-    let owned = provider.list_owned(cluster_id).await?;
+    let mut deleted = 0;
+    for holder in providers.all() {
+        let provider = holder.provider.as_ref();
+        let owned = provider.list_owned(cluster_id).await?;
+        // Listed after `owned`, so every live owner is among them (see `orphans`).
+        let (services, ingresses) = list_owners(client).await?;
+        let wants = |svc: &Service| matches!(providers.for_service(svc), Selection::Serve(c) if c.source == holder.source);
+        let orphaned = orphans(&owned, &services, wants)
+            .into_iter()
+            .chain(ingress_orphans(&owned, &ingresses));
+        for lb in orphaned {
+            tracing::info!(load_balancer = %lb.name, owner = %lb.owner.object_ref, provider = provider.name(), "deleting orphaned load balancer");
+            provider.delete(&lb.name, &lb.owner).await?;
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
+}
+
+async fn list_owners(client: &Client) -> Result<(Vec<Service>, Vec<Ingress>)> {
     let services = kube_call(
         "listing Services for garbage collection",
         Api::<Service>::all(client.clone()).list(&ListParams::default()),
@@ -90,21 +106,13 @@ pub async fn collect(
     )
     .await?
     .items;
-    let mut deleted = 0;
-    let orphaned = orphans(&owned, &services, classes)
-        .into_iter()
-        .chain(ingress_orphans(&owned, &ingresses));
-    for lb in orphaned {
-        tracing::info!(load_balancer = %lb.name, owner = %lb.owner.object_ref, "deleting orphaned load balancer");
-        provider.delete(&lb.name, &lb.owner).await?;
-        deleted += 1;
-    }
-    Ok(deleted)
+    Ok((services, ingresses))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::class::ClassPolicy;
     use k8s_openapi::api::core::v1::ServiceSpec;
     use portico_provider::{LoadBalancerName, LoadBalancerStatus, Ownership};
 
@@ -145,13 +153,19 @@ mod tests {
     #[test]
     fn load_balancers_of_live_services_are_kept() {
         let owned = [lb("u1", "Service")];
-        assert!(orphans(&owned, &[svc("u1", "LoadBalancer", true)], &classes()).is_empty());
+        assert!(
+            orphans(&owned, &[svc("u1", "LoadBalancer", true)], |s| classes()
+                .wants_load_balancer(s))
+            .is_empty()
+        );
     }
 
     #[test]
     fn load_balancers_of_vanished_services_are_orphans() {
         let owned = [lb("u1", "Service"), lb("u2", "Service")];
-        let found = orphans(&owned, &[svc("u1", "LoadBalancer", true)], &classes());
+        let found = orphans(&owned, &[svc("u1", "LoadBalancer", true)], |s| {
+            classes().wants_load_balancer(s)
+        });
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].owner.object_uid, "u2");
     }
@@ -159,9 +173,15 @@ mod tests {
     #[test]
     fn a_service_still_being_cleaned_up_keeps_its_load_balancer_for_the_reconciler() {
         let owned = [lb("u1", "Service")];
-        assert!(orphans(&owned, &[svc("u1", "ClusterIP", true)], &classes()).is_empty());
+        assert!(
+            orphans(&owned, &[svc("u1", "ClusterIP", true)], |s| classes()
+                .wants_load_balancer(s))
+            .is_empty()
+        );
         assert_eq!(
-            orphans(&owned, &[svc("u1", "ClusterIP", false)], &classes()).len(),
+            orphans(&owned, &[svc("u1", "ClusterIP", false)], |s| classes()
+                .wants_load_balancer(s))
+            .len(),
             1
         );
     }
@@ -192,6 +212,6 @@ mod tests {
     #[test]
     fn load_balancers_of_other_kinds_are_left_to_their_controller() {
         let owned = [lb("u9", "Ingress")];
-        assert!(orphans(&owned, &[], &classes()).is_empty());
+        assert!(orphans(&owned, &[], |s| classes().wants_load_balancer(s)).is_empty());
     }
 }

@@ -11,4 +11,5 @@ pub mod leader;
 pub mod metrics;
 pub mod node_set;
 pub mod object;
+pub mod provider_config;
 pub mod service;

@@ -11,12 +11,15 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::IngressClass;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::{Api, Client};
+use portico_crds::ProviderConfig;
 use portico_operator::http::Readiness;
 use portico_operator::leader::LeaderElector;
 use portico_operator::metrics::Metrics;
+use portico_operator::provider_config::build::build_provider;
+use portico_operator::provider_config::registry::ProviderRegistry;
 use portico_operator::service::class::ClassPolicy;
 use portico_operator::service::controller::{self, Context, Settings};
-use portico_operator::{gc, ingress, node_set};
+use portico_operator::{gc, ingress, node_set, provider_config};
 use portico_provider::Provider;
 use tokio_util::sync::CancellationToken;
 
@@ -41,9 +44,12 @@ struct Args {
     /// service account, as kubectl does.
     #[arg(long)]
     kubeconfig: Option<std::path::PathBuf>,
-    /// Which cloud provisions the load balancers.
-    #[arg(long, env = "PORTICO_PROVIDER", value_enum, default_value = "local")]
-    provider: ProviderKind,
+    /// A cloud configured on the command line, besides the ProviderConfigs in the cluster
+    /// (which are how the Helm chart configures Portico). Serves the classes given with
+    /// `--load-balancer-class` and, with `--default-load-balancer`, Services that name no class
+    /// when no ProviderConfig is the default.
+    #[arg(long, env = "PORTICO_PROVIDER", value_enum)]
+    provider: Option<ProviderKind>,
     /// The local cloud's API address (provider `local`).
     #[arg(
         long,
@@ -115,22 +121,26 @@ async fn main() -> anyhow::Result<()> {
             .uid
             .context("kube-system has no UID")?,
     };
-    let provider: Arc<dyn Provider> = match args.provider {
-        #[cfg(feature = "local")]
-        ProviderKind::Local => Arc::new(portico_local_cloud::LocalCloudProvider::new(
-            args.local_cloud_api,
-        )),
-    };
-    let classes = ClassPolicy {
-        classes: if args.load_balancer_classes.is_empty() {
-            vec![format!("portico.dev/{}", provider.name())]
-        } else {
-            args.load_balancer_classes.clone()
-        },
-        serve_unclassed: args.default_load_balancer,
-    };
+    let command_line = args.provider.map(|kind| {
+        let provider: Arc<dyn Provider> = match kind {
+            #[cfg(feature = "local")]
+            ProviderKind::Local => Arc::new(portico_local_cloud::LocalCloudProvider::new(
+                args.local_cloud_api,
+            )),
+        };
+        let classes = ClassPolicy {
+            classes: if args.load_balancer_classes.is_empty() {
+                vec![format!("portico.dev/{}", provider.name())]
+            } else {
+                args.load_balancer_classes.clone()
+            },
+            serve_unclassed: args.default_load_balancer,
+        };
+        tracing::info!(provider = provider.name(), classes = ?classes.classes, "provider from the command line");
+        (provider, classes)
+    });
     let instance = args.instance_id.clone().unwrap_or_else(default_instance_id);
-    tracing::info!(%cluster_id, provider = provider.name(), classes = ?classes.classes, %instance, "starting");
+    tracing::info!(%cluster_id, %instance, "starting");
 
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(Readiness::default());
@@ -179,6 +189,21 @@ async fn main() -> anyhow::Result<()> {
 
     let (nodes, node_changes) = node_set::watch(client.clone());
     nodes.wait_until_ready().await.context("node cache")?;
+    // Without the configurations no Service can be told apart from one that is not ours, so
+    // nothing reconciles before they are known.
+    let configs = watch_all::<ProviderConfig>(client.clone());
+    tokio::select! {
+        ready = configs.wait_until_ready() => ready.context("ProviderConfig cache")?,
+        _ = tokio::time::sleep(Duration::from_secs(10)) => {
+            tracing::warn!("ProviderConfigs are not listed yet; are Portico's CRDs installed?");
+            configs.wait_until_ready().await.context("ProviderConfig cache")?;
+        }
+    }
+    let providers = Arc::new(ProviderRegistry::new(
+        configs.clone(),
+        command_line,
+        Box::new(build_provider),
+    ));
 
     let recorder = Recorder::new(
         client.clone(),
@@ -190,14 +215,20 @@ async fn main() -> anyhow::Result<()> {
     if !args.ingress_class.is_empty() {
         ensure_ingress_class(&client, &args.ingress_class, args.default_ingress_class).await?;
     }
-    let ingress_classes = watch_ingress_classes(client.clone());
+    let ingress_classes = watch_all::<IngressClass>(client.clone());
     ingress_classes
         .wait_until_ready()
         .await
         .context("IngressClass cache")?;
+    let config_status_ctx = Arc::new(provider_config::status::Context {
+        client: client.clone(),
+        configs,
+        classes: ingress_classes.clone(),
+        providers: providers.clone(),
+    });
     let ingress_ctx = Arc::new(ingress::controller::Context::new(
         client.clone(),
-        provider.clone(),
+        providers.clone(),
         nodes.clone(),
         ingress_classes,
         cluster_id.clone(),
@@ -213,21 +244,20 @@ async fn main() -> anyhow::Result<()> {
     ));
     let ctx = Arc::new(Context::new(
         client.clone(),
-        provider.clone(),
+        providers.clone(),
         nodes,
         recorder,
         metrics.clone(),
         Settings {
-            classes: classes.clone(),
             cluster_id: cluster_id.clone(),
             resync: Duration::from_secs(args.resync_seconds),
         },
     ));
 
     tokio::spawn({
-        let (client, provider, metrics, shutdown) = (
+        let (client, providers, metrics, shutdown) = (
             client.clone(),
-            provider.clone(),
+            providers.clone(),
             metrics.clone(),
             shutdown.clone(),
         );
@@ -239,7 +269,7 @@ async fn main() -> anyhow::Result<()> {
                     _ = tokio::time::sleep(every) => {}
                     _ = shutdown.cancelled() => return,
                 }
-                match gc::collect(&client, provider.as_ref(), &cluster_id, &classes).await {
+                match gc::collect(&client, &providers, &cluster_id).await {
                     Ok(n) => {
                         metrics.garbage_collected.inc_by(n as u64);
                     }
@@ -261,6 +291,7 @@ async fn main() -> anyhow::Result<()> {
             node_changes.subscribe(),
             shutdown.clone().cancelled_owned()
         ),
+        provider_config::status::run(config_status_ctx, shutdown.clone().cancelled_owned()),
     );
     ready.set(false);
     metrics.leader.set(0);
@@ -304,13 +335,23 @@ async fn ensure_ingress_class(client: &Client, name: &str, default: bool) -> any
     Ok(())
 }
 
-fn watch_ingress_classes(client: Client) -> kube::runtime::reflector::Store<IngressClass> {
+/// A cache of every object of kind `K`, kept current in the background.
+fn watch_all<K>(client: Client) -> kube::runtime::reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
     use futures::StreamExt;
     use kube::runtime::WatchStreamExt;
     let (store, writer) = kube::runtime::reflector::store();
     let stream = kube::runtime::reflector::reflector(
         writer,
-        kube::runtime::watcher(Api::<IngressClass>::all(client), Default::default()),
+        kube::runtime::watcher(Api::<K>::all(client), Default::default()),
     )
     .default_backoff()
     .touched_objects();

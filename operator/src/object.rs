@@ -99,10 +99,40 @@ async fn write_finalizers<K: Served>(
     Ok(())
 }
 
-pub async fn add_finalizer<K: Served>(client: &Client, obj: &K, finalizer: &str) -> Result<()> {
+/// Marks `obj` as served: adds `finalizer` and records `(annotation, value)` (which provider
+/// holds its load balancer) in one write, before anything exists in the cloud. No write when
+/// both are already there.
+pub async fn claim<K: Served>(
+    client: &Client,
+    obj: &K,
+    finalizer: &str,
+    (annotation, value): (&str, &str),
+) -> Result<()> {
+    let recorded = obj.annotations().get(annotation).map(String::as_str) == Some(value);
+    if has_finalizer(obj, finalizer) && recorded {
+        return Ok(());
+    }
     let mut finalizers = obj.finalizers().to_vec();
-    finalizers.push(finalizer.to_string());
-    write_finalizers(client, obj, finalizers).await
+    if !has_finalizer(obj, finalizer) {
+        finalizers.push(finalizer.to_string());
+    }
+    let patch = json!({
+        "metadata": {
+            "finalizers": finalizers,
+            "annotations": { annotation: value },
+            "resourceVersion": obj.resource_version(),
+        }
+    });
+    kube_call(
+        "claiming the object",
+        api(client, obj).patch(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        ),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Removing it from an object that is already gone is a success.

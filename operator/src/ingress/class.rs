@@ -50,23 +50,47 @@ impl IngressClasses {
 
     /// True when `ingress` is Portico's to serve.
     pub fn is_ours(&self, ingress: &Ingress) -> bool {
-        let named = ingress
-            .spec
-            .as_ref()
-            .and_then(|s| s.ingress_class_name.as_deref())
-            .or_else(|| {
-                ingress
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(LEGACY_ANNOTATION))
-                    .map(String::as_str)
-            });
-        match named {
+        match named_class(ingress) {
             Some(class) => self.ours.iter().any(|c| c == class),
             None => self.default_is_ours,
         }
     }
+}
+
+/// The class an Ingress names: `spec.ingressClassName`, else the legacy annotation.
+fn named_class(ingress: &Ingress) -> Option<&str> {
+    ingress
+        .spec
+        .as_ref()
+        .and_then(|s| s.ingress_class_name.as_deref())
+        .or_else(|| {
+            ingress
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LEGACY_ANNOTATION))
+                .map(String::as_str)
+        })
+}
+
+/// The IngressClass object `ingress` belongs to: the one it names, else Portico's default
+/// class. `None` when that class does not exist.
+pub fn class_of<'a>(
+    ingress: &Ingress,
+    classes: &'a [std::sync::Arc<IngressClass>],
+) -> Option<&'a IngressClass> {
+    let name = named_class(ingress);
+    classes.iter().map(|c| c.as_ref()).find(|c| match name {
+        Some(name) => c.metadata.name.as_deref() == Some(name),
+        None => {
+            c.spec.as_ref().and_then(|s| s.controller.as_deref()) == Some(CONTROLLER)
+                && c.metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(DEFAULT_CLASS_ANNOTATION))
+                    .is_some_and(|v| v == "true")
+        }
+    })
 }
 
 #[cfg(test)]

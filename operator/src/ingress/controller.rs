@@ -15,10 +15,10 @@ use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use portico_provider::{Provider, ProviderError};
+use portico_provider::ProviderError;
 use serde_json::json;
 
-use super::class::IngressClasses;
+use super::class::{IngressClasses, class_of};
 use super::translate::{self, Referenced, referenced_secrets, referenced_services};
 use super::{FINALIZER, status};
 use crate::backoff::Backoff;
@@ -26,13 +26,18 @@ use crate::ensured::EnsuredSpecs;
 use crate::error::{Error, Result, kube_call};
 use crate::metrics::Metrics;
 use crate::object;
+use crate::provider_config::registry::{
+    Chosen, PROVIDER_ANNOTATION, ProviderRegistry, Selection, recorded_source,
+};
 use crate::service::nodes::eligible_nodes;
 
 const CONTROLLER: &str = "ingress";
+/// How long an Ingress whose provider cannot be used waits before it is looked at again.
+const UNAVAILABLE_RETRY: Duration = Duration::from_secs(30);
 
 pub struct Context {
     pub client: Client,
-    pub provider: Arc<dyn Provider>,
+    pub providers: Arc<ProviderRegistry>,
     pub nodes: Store<Node>,
     pub classes: Store<IngressClass>,
     pub cluster_id: String,
@@ -47,7 +52,7 @@ impl Context {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
-        provider: Arc<dyn Provider>,
+        providers: Arc<ProviderRegistry>,
         nodes: Store<Node>,
         classes: Store<IngressClass>,
         cluster_id: String,
@@ -57,7 +62,7 @@ impl Context {
     ) -> Self {
         Context {
             client,
-            provider,
+            providers,
             nodes,
             classes,
             cluster_id,
@@ -98,14 +103,44 @@ pub fn error_policy(ingress: Arc<Ingress>, error: &Error, ctx: Arc<Context>) -> 
 }
 
 async fn reconcile_ingress(ingress: &Ingress, ctx: &Context) -> Result<Action> {
-    let classes = IngressClasses::from_classes(ctx.classes.state().iter().map(|c| c.as_ref()));
+    let all_classes = ctx.classes.state();
+    let classes = IngressClasses::from_classes(all_classes.iter().map(|c| c.as_ref()));
     let wants = classes.is_ours(ingress) && ingress.meta().deletion_timestamp.is_none();
-    if wants {
-        ensure(ingress, ctx).await
-    } else if object::has_finalizer(ingress, FINALIZER) {
-        cleanup(ingress, ctx).await
-    } else {
-        Ok(Action::await_change())
+    let has_finalizer = object::has_finalizer(ingress, FINALIZER);
+    if !wants {
+        return if has_finalizer {
+            cleanup(ingress, ctx).await
+        } else {
+            Ok(Action::await_change())
+        };
+    }
+    match ctx
+        .providers
+        .for_ingress_class(class_of(ingress, &all_classes))
+    {
+        Selection::Serve(chosen) => {
+            // Its class now points at another cloud: free the old load balancer first.
+            if has_finalizer
+                && let Some(recorded) = recorded_source(ingress)
+                && recorded != chosen.source
+            {
+                delete_load_balancer(ingress, ctx).await?;
+            }
+            ensure(ingress, ctx, chosen).await
+        }
+        Selection::NotOurs => Ok(Action::await_change()),
+        Selection::Unavailable { config, reason } => {
+            let message = format!("no usable provider ({config}): {reason}");
+            object::publish(
+                &ctx.recorder,
+                ingress,
+                EventType::Warning,
+                "ProviderUnavailable",
+                &message,
+            )
+            .await;
+            Ok(Action::requeue(UNAVAILABLE_RETRY))
+        }
     }
 }
 
@@ -128,7 +163,7 @@ async fn read_referenced(ingress: &Ingress, ctx: &Context) -> Result<Referenced>
     Ok(referenced)
 }
 
-async fn ensure(ingress: &Ingress, ctx: &Context) -> Result<Action> {
+async fn ensure(ingress: &Ingress, ctx: &Context, chosen: Chosen) -> Result<Action> {
     let uid = ingress.uid().unwrap_or_default();
     let referenced = read_referenced(ingress, ctx).await?;
     let nodes = eligible_nodes(ctx.nodes.state().iter().map(|n| n.as_ref()));
@@ -161,9 +196,14 @@ async fn ensure(ingress: &Ingress, ctx: &Context) -> Result<Action> {
     }
 
     // Before anything exists in the cloud, so deleting the Ingress cannot leak it.
-    if !object::has_finalizer(ingress, FINALIZER) {
-        object::add_finalizer(&ctx.client, ingress, FINALIZER).await?;
-    }
+    let source = chosen.source.annotation_value();
+    object::claim(
+        &ctx.client,
+        ingress,
+        FINALIZER,
+        (PROVIDER_ANNOTATION, &source),
+    )
+    .await?;
     if changed {
         object::publish(
             &ctx.recorder,
@@ -174,9 +214,9 @@ async fn ensure(ingress: &Ingress, ctx: &Context) -> Result<Action> {
         )
         .await;
     }
-    let outcome = ctx.provider.ensure(&desired).await;
+    let outcome = chosen.provider.ensure(&desired).await;
     ctx.metrics
-        .provider_call(ctx.provider.name(), "ensure", outcome.is_ok());
+        .provider_call(chosen.provider.name(), "ensure", outcome.is_ok());
     match outcome {
         Ok(lb) => {
             let desired_status = status::load_balancer_status(&lb);
@@ -218,7 +258,9 @@ async fn ensure(ingress: &Ingress, ctx: &Context) -> Result<Action> {
     }
 }
 
-async fn cleanup(ingress: &Ingress, ctx: &Context) -> Result<Action> {
+/// Deletes the Ingress's load balancer from the cloud that holds it (the recorded provider;
+/// without a record, every provider, since deleting what is not there is a no-op).
+async fn delete_load_balancer(ingress: &Ingress, ctx: &Context) -> Result<()> {
     let name = translate::load_balancer_name(ingress);
     let owner = translate::ownership(&ctx.cluster_id, ingress);
     object::publish(
@@ -229,19 +271,42 @@ async fn cleanup(ingress: &Ingress, ctx: &Context) -> Result<Action> {
         "Deleting load balancer",
     )
     .await;
-    let deleted = ctx.provider.delete(&name, &owner).await;
-    ctx.metrics
-        .provider_call(ctx.provider.name(), "delete", deleted.is_ok());
-    if let Err(e) = deleted {
-        object::publish(
-            &ctx.recorder,
-            ingress,
-            EventType::Warning,
-            "DeleteLoadBalancerFailed",
-            &format!("Error deleting load balancer: {e}"),
-        )
-        .await;
-        return Err(Error::Provider(e));
+    let holders = match recorded_source(ingress) {
+        Some(source) => match ctx.providers.by_source(&source) {
+            Some(chosen) => vec![chosen],
+            None => {
+                let message = format!(
+                    "the provider holding its load balancer ({}) is gone; restore it so the load balancer can be deleted",
+                    source.annotation_value()
+                );
+                object::publish(
+                    &ctx.recorder,
+                    ingress,
+                    EventType::Warning,
+                    "DeleteLoadBalancerFailed",
+                    &message,
+                )
+                .await;
+                return Err(Error::Provider(ProviderError::Unavailable(message)));
+            }
+        },
+        None => ctx.providers.all(),
+    };
+    for holder in holders {
+        let deleted = holder.provider.delete(&name, &owner).await;
+        ctx.metrics
+            .provider_call(holder.provider.name(), "delete", deleted.is_ok());
+        if let Err(e) = deleted {
+            object::publish(
+                &ctx.recorder,
+                ingress,
+                EventType::Warning,
+                "DeleteLoadBalancerFailed",
+                &format!("Error deleting load balancer: {e}"),
+            )
+            .await;
+            return Err(Error::Provider(e));
+        }
     }
     ctx.ensured.forget(&ingress.uid().unwrap_or_default());
     object::publish(
@@ -252,6 +317,11 @@ async fn cleanup(ingress: &Ingress, ctx: &Context) -> Result<Action> {
         "Deleted load balancer",
     )
     .await;
+    Ok(())
+}
+
+async fn cleanup(ingress: &Ingress, ctx: &Context) -> Result<Action> {
+    delete_load_balancer(ingress, ctx).await?;
     // An Ingress that stays (its class changed) must not keep advertising a dead address.
     if ingress.meta().deletion_timestamp.is_none() {
         object::patch_status(

@@ -14,11 +14,10 @@ use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use portico_provider::{Provider, ProviderError};
+use portico_provider::ProviderError;
 use serde_json::json;
 
 use super::FINALIZER;
-use super::class::ClassPolicy;
 use super::nodes::eligible_nodes;
 use super::status;
 use super::translate::{desired_load_balancer, load_balancer_name, ownership};
@@ -27,16 +26,22 @@ use crate::ensured::EnsuredSpecs;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::object;
+use crate::provider_config::registry::{
+    Chosen, PROVIDER_ANNOTATION, ProviderRegistry, Selection, recorded_source,
+};
 
 const CONTROLLER: &str = "service";
 /// How long an ensure may run before the Service says it is provisioning; fast providers
 /// finish first and save the extra status write.
 const PROGRESS_AFTER: Duration = Duration::from_millis(500);
 
+/// How long a Service whose provider cannot be used waits before it is looked at again (a
+/// ProviderConfig change does not trigger its reconcile).
+const UNAVAILABLE_RETRY: Duration = Duration::from_secs(30);
+
 /// How the controller behaves, from the command line.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub classes: ClassPolicy,
     pub cluster_id: String,
     /// How often a served load balancer is ensured again even if nothing changed, to repair
     /// drift on the provider's side.
@@ -46,9 +51,8 @@ pub struct Settings {
 /// What the controller needs, shared by every reconcile.
 pub struct Context {
     pub client: Client,
-    pub provider: Arc<dyn Provider>,
+    pub providers: Arc<ProviderRegistry>,
     pub nodes: Store<Node>,
-    pub classes: ClassPolicy,
     pub cluster_id: String,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
@@ -62,7 +66,7 @@ pub struct Context {
 impl Context {
     pub fn new(
         client: Client,
-        provider: Arc<dyn Provider>,
+        providers: Arc<ProviderRegistry>,
         nodes: Store<Node>,
         recorder: Recorder,
         metrics: Arc<Metrics>,
@@ -70,9 +74,8 @@ impl Context {
     ) -> Self {
         Context {
             client,
-            provider,
+            providers,
             nodes,
-            classes: settings.classes,
             cluster_id: settings.cluster_id,
             recorder,
             metrics,
@@ -120,18 +123,44 @@ pub fn error_policy(svc: Arc<Service>, error: &Error, ctx: Arc<Context>) -> Acti
 }
 
 async fn reconcile_service(svc: &Service, ctx: &Context) -> Result<Action> {
-    let wants = ctx.classes.wants_load_balancer(svc) && svc.meta().deletion_timestamp.is_none();
-    if wants {
-        ensure(svc, ctx).await
-    } else if has_finalizer(svc) {
-        cleanup(svc, ctx).await
-    } else {
+    if svc.meta().deletion_timestamp.is_some() {
+        return if has_finalizer(svc) {
+            cleanup(svc, ctx).await
+        } else {
+            Ok(Action::await_change())
+        };
+    }
+    match ctx.providers.for_service(svc) {
+        Selection::Serve(chosen) => {
+            // Its class now points at another cloud: free the old load balancer first.
+            if has_finalizer(svc)
+                && let Some(recorded) = recorded_source(svc)
+                && recorded != chosen.source
+            {
+                delete_load_balancer(svc, ctx).await?;
+            }
+            ensure(svc, ctx, chosen).await
+        }
+        Selection::NotOurs if has_finalizer(svc) => cleanup(svc, ctx).await,
         // Not ours, or nothing left to clean: never touch it.
-        Ok(Action::await_change())
+        Selection::NotOurs => Ok(Action::await_change()),
+        Selection::Unavailable { config, reason } => {
+            let message = format!("ProviderConfig {config} cannot be used: {reason}");
+            publish(
+                ctx,
+                svc,
+                EventType::Warning,
+                "ProviderUnavailable",
+                &message,
+            )
+            .await;
+            set_condition(ctx, svc, "False", "ProviderUnavailable", &message).await?;
+            Ok(Action::requeue(UNAVAILABLE_RETRY))
+        }
     }
 }
 
-async fn ensure(svc: &Service, ctx: &Context) -> Result<Action> {
+async fn ensure(svc: &Service, ctx: &Context, chosen: Chosen) -> Result<Action> {
     let uid = svc.uid().unwrap_or_default();
     let nodes = eligible_nodes(ctx.nodes.state().iter().map(|n| n.as_ref()));
     let desired = match desired_load_balancer(&ctx.cluster_id, svc, &nodes) {
@@ -159,9 +188,8 @@ async fn ensure(svc: &Service, ctx: &Context) -> Result<Action> {
     }
 
     // Before anything exists in the cloud, so a deleted Service can never leak it.
-    if !has_finalizer(svc) {
-        object::add_finalizer(&ctx.client, svc, FINALIZER).await?;
-    }
+    let source = chosen.source.annotation_value();
+    object::claim(&ctx.client, svc, FINALIZER, (PROVIDER_ANNOTATION, &source)).await?;
 
     let changed = ctx.ensured.changed(&uid, &desired);
     if changed {
@@ -185,9 +213,9 @@ async fn ensure(svc: &Service, ctx: &Context) -> Result<Action> {
         }
     }
 
-    let provider = ctx.provider.name();
+    let provider = chosen.provider.name();
     let outcome = {
-        let ensure = ctx.provider.ensure(&desired);
+        let ensure = chosen.provider.ensure(&desired);
         tokio::pin!(ensure);
         tokio::select! {
             r = &mut ensure => r,
@@ -258,7 +286,9 @@ async fn ensure(svc: &Service, ctx: &Context) -> Result<Action> {
     }
 }
 
-async fn cleanup(svc: &Service, ctx: &Context) -> Result<Action> {
+/// Deletes the Service's load balancer from the cloud that holds it (the recorded provider;
+/// without a record, every provider, since deleting what is not there is a no-op).
+async fn delete_load_balancer(svc: &Service, ctx: &Context) -> Result<()> {
     let name = load_balancer_name(svc);
     let owner = ownership(&ctx.cluster_id, svc);
     publish(
@@ -269,19 +299,42 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Action> {
         "Deleting load balancer",
     )
     .await;
-    let deleted = ctx.provider.delete(&name, &owner).await;
-    ctx.metrics
-        .provider_call(ctx.provider.name(), "delete", deleted.is_ok());
-    if let Err(e) = deleted {
-        publish(
-            ctx,
-            svc,
-            EventType::Warning,
-            "DeleteLoadBalancerFailed",
-            &format!("Error deleting load balancer: {e}"),
-        )
-        .await;
-        return Err(Error::Provider(e));
+    let holders = match recorded_source(svc) {
+        Some(source) => match ctx.providers.by_source(&source) {
+            Some(chosen) => vec![chosen],
+            None => {
+                let message = format!(
+                    "the provider holding its load balancer ({}) is gone; restore it so the load balancer can be deleted",
+                    source.annotation_value()
+                );
+                publish(
+                    ctx,
+                    svc,
+                    EventType::Warning,
+                    "DeleteLoadBalancerFailed",
+                    &message,
+                )
+                .await;
+                return Err(Error::Provider(ProviderError::Unavailable(message)));
+            }
+        },
+        None => ctx.providers.all(),
+    };
+    for holder in holders {
+        let deleted = holder.provider.delete(&name, &owner).await;
+        ctx.metrics
+            .provider_call(holder.provider.name(), "delete", deleted.is_ok());
+        if let Err(e) = deleted {
+            publish(
+                ctx,
+                svc,
+                EventType::Warning,
+                "DeleteLoadBalancerFailed",
+                &format!("Error deleting load balancer: {e}"),
+            )
+            .await;
+            return Err(Error::Provider(e));
+        }
     }
     ctx.ensured.forget(&svc.uid().unwrap_or_default());
     publish(
@@ -292,6 +345,11 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<Action> {
         "Deleted load balancer",
     )
     .await;
+    Ok(())
+}
+
+async fn cleanup(svc: &Service, ctx: &Context) -> Result<Action> {
+    delete_load_balancer(svc, ctx).await?;
     // A Service that stays (its type changed) must not keep advertising a dead address.
     if svc.meta().deletion_timestamp.is_none() {
         write_status(ctx, svc, Some(&Default::default()), None).await?;

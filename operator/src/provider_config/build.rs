@@ -1,0 +1,100 @@
+//! A ProviderConfig's spec → a provider. Only the clouds compiled in (cargo features) can be
+//! built; the others are reported on the configuration, not silently ignored.
+
+use std::sync::Arc;
+
+use portico_crds::ProviderConfigSpec;
+use portico_crds::provider_config::ProviderKind;
+use portico_provider::Provider;
+
+pub fn build_provider(spec: &ProviderConfigSpec) -> Result<Arc<dyn Provider>, String> {
+    match spec.kind() {
+        None => Err("exactly one of local, aws and gcp must be set".into()),
+        Some(ProviderKind::Local) => local(spec),
+        Some(ProviderKind::Aws) => Err(missing("aws")),
+        Some(ProviderKind::Gcp) => Err(missing("gcp")),
+    }
+}
+
+fn missing(kind: &str) -> String {
+    format!("this build of Portico has no {kind} provider (cargo feature `{kind}`)")
+}
+
+#[cfg(feature = "local")]
+fn local(spec: &ProviderConfigSpec) -> Result<Arc<dyn Provider>, String> {
+    let settings = spec.local.as_ref().expect("kind() checked it");
+    let address: std::net::SocketAddr = settings.api_address.parse().map_err(|e| {
+        format!(
+            "local.apiAddress {:?}: {e} (an IP:port)",
+            settings.api_address
+        )
+    })?;
+    Ok(Arc::new(portico_local_cloud::LocalCloudProvider::new(
+        address,
+    )))
+}
+
+#[cfg(not(feature = "local"))]
+fn local(_: &ProviderConfigSpec) -> Result<Arc<dyn Provider>, String> {
+    Err(missing("local"))
+}
+
+#[cfg(test)]
+mod tests {
+    use portico_crds::provider_config::{AwsSettings, LocalSettings};
+
+    use super::*;
+
+    fn spec() -> ProviderConfigSpec {
+        ProviderConfigSpec {
+            default: true,
+            load_balancer_class: None,
+            local: None,
+            aws: None,
+            gcp: None,
+        }
+    }
+
+    #[cfg(feature = "local")]
+    #[test]
+    fn a_local_configuration_becomes_the_local_provider() {
+        let mut s = spec();
+        s.local = Some(LocalSettings {
+            api_address: "127.0.0.1:8900".into(),
+        });
+        assert_eq!(build_provider(&s).unwrap().name(), "local");
+    }
+
+    #[test]
+    fn a_host_name_is_refused_with_the_reason() {
+        let mut s = spec();
+        s.local = Some(LocalSettings {
+            api_address: "cloud.example:8900".into(),
+        });
+        let err = build_provider(&s).err().unwrap();
+        assert!(
+            err.contains("local.apiAddress") || err.contains("no local provider"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn clouds_not_compiled_in_say_which_feature_they_need() {
+        let mut s = spec();
+        s.aws = Some(AwsSettings {
+            region: "eu-west-1".into(),
+            subnets: vec!["subnet-1".into()],
+            security_groups: vec![],
+            scheme: Default::default(),
+            vpc_id: None,
+            tags: Default::default(),
+            endpoint_url: None,
+        });
+        assert!(
+            build_provider(&s)
+                .err()
+                .unwrap()
+                .contains("cargo feature `aws`")
+        );
+    }
+}
