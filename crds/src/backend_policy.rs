@@ -110,10 +110,10 @@ pub enum SessionAffinityType {
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum BalancingAlgorithm {
+    /// The next healthy target in turn (the only algorithm the local cloud implements yet;
+    /// the enum grows as providers gain more).
     #[default]
     RoundRobin,
-    /// The target with the fewest requests (L7) or connections (L4) in flight.
-    LeastRequest,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -11,5 +11,6 @@ pub mod leader;
 pub mod metrics;
 pub mod node_set;
 pub mod object;
+pub mod policy;
 pub mod provider_config;
 pub mod service;

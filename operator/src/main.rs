@@ -19,7 +19,7 @@ use portico_operator::provider_config::build::build_provider;
 use portico_operator::provider_config::registry::ProviderRegistry;
 use portico_operator::service::class::ClassPolicy;
 use portico_operator::service::controller::{self, Context, Settings};
-use portico_operator::{gc, ingress, node_set, provider_config};
+use portico_operator::{gc, ingress, node_set, policy, provider_config};
 use portico_provider::Provider;
 use tokio_util::sync::CancellationToken;
 
@@ -199,6 +199,8 @@ async fn main() -> anyhow::Result<()> {
             configs.wait_until_ready().await.context("ProviderConfig cache")?;
         }
     }
+    let policies = policy::watch(client.clone());
+    policies.wait_until_ready().await.context("policy caches")?;
     let providers = Arc::new(ProviderRegistry::new(
         configs.clone(),
         command_line,
@@ -226,10 +228,15 @@ async fn main() -> anyhow::Result<()> {
         classes: ingress_classes.clone(),
         providers: providers.clone(),
     });
+    let policy_status_ctx = Arc::new(policy::status::Context {
+        client: client.clone(),
+        policies: policies.clone(),
+    });
     let ingress_ctx = Arc::new(ingress::controller::Context::new(
         client.clone(),
         providers.clone(),
         nodes.clone(),
+        policies.clone(),
         ingress_classes,
         cluster_id.clone(),
         Recorder::new(
@@ -246,6 +253,7 @@ async fn main() -> anyhow::Result<()> {
         client.clone(),
         providers.clone(),
         nodes,
+        policies,
         recorder,
         metrics.clone(),
         Settings {
@@ -292,6 +300,7 @@ async fn main() -> anyhow::Result<()> {
             shutdown.clone().cancelled_owned()
         ),
         provider_config::status::run(config_status_ctx, shutdown.clone().cancelled_owned()),
+        policy::status::run(policy_status_ctx, shutdown.clone()),
     );
     ready.set(false);
     metrics.leader.set(0);

@@ -15,6 +15,7 @@ use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
+use portico_crds::FrontendTargetKind;
 use portico_provider::ProviderError;
 use serde_json::json;
 
@@ -26,6 +27,7 @@ use crate::ensured::EnsuredSpecs;
 use crate::error::{Error, Result, kube_call};
 use crate::metrics::Metrics;
 use crate::object;
+use crate::policy::Policies;
 use crate::provider_config::registry::{
     Chosen, PROVIDER_ANNOTATION, ProviderRegistry, Selection, recorded_source,
 };
@@ -39,6 +41,7 @@ pub struct Context {
     pub client: Client,
     pub providers: Arc<ProviderRegistry>,
     pub nodes: Store<Node>,
+    pub policies: Policies,
     pub classes: Store<IngressClass>,
     pub cluster_id: String,
     pub recorder: Recorder,
@@ -54,6 +57,7 @@ impl Context {
         client: Client,
         providers: Arc<ProviderRegistry>,
         nodes: Store<Node>,
+        policies: Policies,
         classes: Store<IngressClass>,
         cluster_id: String,
         recorder: Recorder,
@@ -64,6 +68,7 @@ impl Context {
             client,
             providers,
             nodes,
+            policies,
             classes,
             cluster_id,
             recorder,
@@ -167,21 +172,31 @@ async fn ensure(ingress: &Ingress, ctx: &Context, chosen: Chosen) -> Result<Acti
     let uid = ingress.uid().unwrap_or_default();
     let referenced = read_referenced(ingress, ctx).await?;
     let nodes = eligible_nodes(ctx.nodes.state().iter().map(|n| n.as_ref()));
-    let desired =
-        match translate::desired_load_balancer(&ctx.cluster_id, ingress, &referenced, &nodes) {
-            Ok(d) => d,
-            Err(invalid) => {
-                object::publish(
-                    &ctx.recorder,
-                    ingress,
-                    EventType::Warning,
-                    "SyncLoadBalancerFailed",
-                    &format!("Error syncing load balancer: {invalid}"),
-                )
-                .await;
-                return Err(Error::InvalidIngress(invalid));
-            }
-        };
+    let policies = ctx.policies.for_ingress(
+        ingress.namespace().as_deref().unwrap_or_default(),
+        &ingress.name_any(),
+        &referenced_services(ingress),
+    );
+    let desired = match translate::desired_load_balancer(
+        &ctx.cluster_id,
+        ingress,
+        &referenced,
+        &nodes,
+        &policies,
+    ) {
+        Ok(d) => d,
+        Err(invalid) => {
+            object::publish(
+                &ctx.recorder,
+                ingress,
+                EventType::Warning,
+                "SyncLoadBalancerFailed",
+                &format!("Error syncing load balancer: {invalid}"),
+            )
+            .await;
+            return Err(Error::InvalidIngress(invalid));
+        }
+    };
 
     let changed = ctx.ensured.changed(&uid, &desired);
     if let Some(due) = ctx.ensured.due_in(&uid, &desired, ctx.resync)
@@ -364,9 +379,31 @@ pub async fn run(
         Api::<Ingress>::all(client.clone()),
         watcher::Config::default(),
     );
-    let (by_service, by_secret, by_class) =
-        (controller.store(), controller.store(), controller.store());
+    let (by_service, by_secret, by_class, by_policy) = (
+        controller.store(),
+        controller.store(),
+        controller.store(),
+        controller.store(),
+    );
+    // A FrontendPolicy on an Ingress, or a BackendPolicy on a Service it routes to.
+    let policy_changes = ctx.policies.changes().flat_map(move |a| {
+        let refs = match a.kind {
+            FrontendTargetKind::Ingress => {
+                vec![ObjectRef::<Ingress>::new(&a.name).within(&a.namespace)]
+            }
+            FrontendTargetKind::Service => {
+                let meta = ObjectMeta {
+                    name: Some(a.name),
+                    namespace: Some(a.namespace),
+                    ..Default::default()
+                };
+                referring(&by_policy, &meta, referenced_services)
+            }
+        };
+        futures::stream::iter(refs)
+    });
     controller
+        .reconcile_on(policy_changes)
         .watches(
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),

@@ -13,6 +13,7 @@ use portico_provider::{
     SessionAffinity, Target, TargetPool,
 };
 
+use crate::policy::{Attached, apply};
 use crate::service::annotations::AnnotationReader;
 use crate::service::nodes::EligibleNode;
 use crate::service::translate::node_probe;
@@ -92,6 +93,7 @@ pub fn desired_load_balancer(
     ingress: &Ingress,
     referenced: &Referenced,
     nodes: &[EligibleNode],
+    policies: &Attached,
 ) -> Result<LoadBalancerSpec, InvalidIngress> {
     let spec = ingress.spec.clone().unwrap_or_default();
     let mut problems = Vec::new();
@@ -125,7 +127,11 @@ pub fn desired_load_balancer(
             SessionAffinity::None
         }
     };
-    let redirect_to_https = reader.flag(SSL_REDIRECT).unwrap_or(false);
+    let frontend_policy = policies.frontend.as_ref();
+    let redirect_to_https = frontend_policy
+        .and_then(|p| p.redirect_to_https)
+        .or_else(|| reader.flag(SSL_REDIRECT))
+        .unwrap_or(false);
     let mut timeouts = HttpTimeouts::default();
     if let Some(s) = reader.parse::<u64>(BACKEND_TIMEOUT, 1..=3600) {
         timeouts.request = Duration::from_secs(s);
@@ -176,23 +182,33 @@ pub fn desired_load_balancer(
             path: "/".into(),
         });
         let name = format!("{}-{}", svc_ref.name, port.port);
-        pools.entry(name.clone()).or_insert_with(|| Backend {
-            name: name.clone(),
-            pool: TargetPool {
-                targets: nodes
-                    .iter()
-                    .map(|n| Target {
-                        node: n.name.clone(),
-                        address: n.internal_ip,
-                        port: node_port,
-                        provider_id: n.provider_id.clone(),
-                    })
-                    .collect(),
-                health_check: HealthCheck::with_probe(probe),
-                affinity: affinity.clone(),
-                proxy_protocol: false,
-                preserve_client_ip: svc_spec.external_traffic_policy.as_deref() == Some("Local"),
-            },
+        let policy = policies.backend.get(&svc_ref.name);
+        pools.entry(name.clone()).or_insert_with(|| {
+            let mut backend = Backend {
+                name: name.clone(),
+                timeouts: policy.and_then(|p| apply::backend_timeouts(p, &timeouts)),
+                pool: TargetPool {
+                    targets: nodes
+                        .iter()
+                        .map(|n| Target {
+                            node: n.name.clone(),
+                            address: n.internal_ip,
+                            port: node_port,
+                            provider_id: n.provider_id.clone(),
+                        })
+                        .collect(),
+                    health_check: HealthCheck::with_probe(probe),
+                    affinity: affinity.clone(),
+                    proxy_protocol: false,
+                    preserve_client_ip: svc_spec.external_traffic_policy.as_deref()
+                        == Some("Local"),
+                    drain_timeout: None,
+                },
+            };
+            if let Some(policy) = policy {
+                apply::backend_pool(&mut backend.pool, policy, node_port, true);
+            }
+            backend
         });
         Some(name)
     };
@@ -251,10 +267,19 @@ pub fn desired_load_balancer(
         }
     }
     if redirect_to_https && certificates.is_empty() {
-        problems.push(format!(
-            "annotation {SSL_REDIRECT}: there is no TLS certificate to redirect to"
-        ));
+        problems.push(
+            "an HTTPS redirect is asked for, but there is no TLS certificate to redirect to"
+                .to_string(),
+        );
     }
+    let source_ranges = match frontend_policy.map(apply::source_ranges) {
+        None | Some(Ok(None)) => Vec::new(),
+        Some(Ok(Some(ranges))) => ranges,
+        Some(Err(mut bad)) => {
+            problems.append(&mut bad);
+            Vec::new()
+        }
+    };
     if default_backend.is_none() && hosts.iter().all(|h| h.paths.is_empty()) && problems.is_empty()
     {
         problems.push("the Ingress has neither rules nor a default backend".into());
@@ -268,12 +293,15 @@ pub fn desired_load_balancer(
         name: load_balancer_name(ingress),
         owner: ownership(cluster_id, ingress),
         requested_address: None,
-        source_ranges: Vec::new(),
+        source_ranges,
         frontend: Frontend::Application(ApplicationFrontend {
             http_port: 80,
             https: (!certificates.is_empty()).then_some(HttpsListener {
                 port: 443,
                 certificates,
+                min_tls_version: frontend_policy
+                    .and_then(apply::min_tls_version)
+                    .unwrap_or_default(),
             }),
             redirect_to_https,
             routes: RouteTable {
@@ -408,7 +436,14 @@ mod tests {
 
     #[test]
     fn rules_become_routes_to_one_pool_per_service_port() {
-        let lb = desired_load_balancer("c", &two_hosts(), &referenced(), &nodes()).unwrap();
+        let lb = desired_load_balancer(
+            "c",
+            &two_hosts(),
+            &referenced(),
+            &nodes(),
+            &Attached::default(),
+        )
+        .unwrap();
         let a = app(&lb);
         let names: Vec<&str> = a.backends.iter().map(|b| b.name.as_str()).collect();
         assert_eq!(names, ["api-80", "web-80"]);
@@ -432,7 +467,14 @@ mod tests {
 
     #[test]
     fn tls_secrets_become_certificates_served_on_443() {
-        let lb = desired_load_balancer("c", &two_hosts(), &referenced(), &nodes()).unwrap();
+        let lb = desired_load_balancer(
+            "c",
+            &two_hosts(),
+            &referenced(),
+            &nodes(),
+            &Attached::default(),
+        )
+        .unwrap();
         let https = app(&lb).https.as_ref().expect("https listener");
         assert_eq!(https.port, 443);
         assert_eq!(https.certificates[0].name, "ns/web-tls");
@@ -448,7 +490,8 @@ mod tests {
         ing.spec.as_mut().unwrap().default_backend =
             serde_json::from_value(json!({"service": {"name": "gone", "port": {"number": 80}}}))
                 .unwrap();
-        let err = desired_load_balancer("c", &ing, &refs, &nodes()).unwrap_err();
+        let err =
+            desired_load_balancer("c", &ing, &refs, &nodes(), &Attached::default()).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("\"gone\" does not exist"), "{text}");
         assert!(text.contains("no node port"), "{text}");
@@ -469,7 +512,8 @@ mod tests {
             ]
             .into(),
         );
-        let lb = desired_load_balancer("c", &ing, &referenced(), &nodes()).unwrap();
+        let lb = desired_load_balancer("c", &ing, &referenced(), &nodes(), &Attached::default())
+            .unwrap();
         let a = app(&lb);
         assert!(a.redirect_to_https);
         assert_eq!(
@@ -486,7 +530,8 @@ mod tests {
         let ing = ingress(
             json!({"defaultBackend": {"service": {"name": "web", "port": {"number": 80}}}}),
         );
-        let lb = desired_load_balancer("c", &ing, &referenced(), &nodes()).unwrap();
+        let lb = desired_load_balancer("c", &ing, &referenced(), &nodes(), &Attached::default())
+            .unwrap();
         assert_eq!(
             app(&lb).routes.resolve("any", "/any"),
             Decision::Backend("web-80")
@@ -499,7 +544,8 @@ mod tests {
         let mut refs = referenced();
         let web = refs.services.get_mut("web").unwrap().spec.as_mut().unwrap();
         web.external_traffic_policy = Some("Local".into());
-        let lb = desired_load_balancer("c", &two_hosts(), &refs, &nodes()).unwrap();
+        let lb = desired_load_balancer("c", &two_hosts(), &refs, &nodes(), &Attached::default())
+            .unwrap();
         let web = app(&lb)
             .backends
             .iter()

@@ -11,9 +11,10 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
+use portico_crds::FrontendTargetKind;
 use portico_provider::ProviderError;
 use serde_json::json;
 
@@ -26,6 +27,7 @@ use crate::ensured::EnsuredSpecs;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::object;
+use crate::policy::Policies;
 use crate::provider_config::registry::{
     Chosen, PROVIDER_ANNOTATION, ProviderRegistry, Selection, recorded_source,
 };
@@ -53,6 +55,7 @@ pub struct Context {
     pub client: Client,
     pub providers: Arc<ProviderRegistry>,
     pub nodes: Store<Node>,
+    pub policies: Policies,
     pub cluster_id: String,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
@@ -68,6 +71,7 @@ impl Context {
         client: Client,
         providers: Arc<ProviderRegistry>,
         nodes: Store<Node>,
+        policies: Policies,
         recorder: Recorder,
         metrics: Arc<Metrics>,
         settings: Settings,
@@ -76,6 +80,7 @@ impl Context {
             client,
             providers,
             nodes,
+            policies,
             cluster_id: settings.cluster_id,
             recorder,
             metrics,
@@ -163,7 +168,11 @@ async fn reconcile_service(svc: &Service, ctx: &Context) -> Result<Action> {
 async fn ensure(svc: &Service, ctx: &Context, chosen: Chosen) -> Result<Action> {
     let uid = svc.uid().unwrap_or_default();
     let nodes = eligible_nodes(ctx.nodes.state().iter().map(|n| n.as_ref()));
-    let desired = match desired_load_balancer(&ctx.cluster_id, svc, &nodes) {
+    let policies = ctx.policies.for_service(
+        svc.namespace().as_deref().unwrap_or_default(),
+        &svc.name_any(),
+    );
+    let desired = match desired_load_balancer(&ctx.cluster_id, svc, &nodes, &policies) {
         Ok(d) => d,
         Err(invalid) => {
             // Reported, not retried hot: the same spec would fail the same way.
@@ -421,7 +430,12 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let services: Api<Service> = Api::all(ctx.client.clone());
+    let policy_changes = ctx.policies.changes().filter_map(|a| async move {
+        (a.kind == FrontendTargetKind::Service)
+            .then(|| ObjectRef::<Service>::new(&a.name).within(&a.namespace))
+    });
     Controller::new(services, watcher::Config::default())
+        .reconcile_on(policy_changes)
         .reconcile_all_on(node_changes)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)

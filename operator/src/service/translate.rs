@@ -12,6 +12,7 @@ use portico_provider::{
 
 use super::annotations::{self as ann, AnnotationReader};
 use super::nodes::EligibleNode;
+use crate::policy::{Attached, apply};
 
 /// kube-proxy's health endpoint, what load balancers probe for `externalTrafficPolicy: Cluster`.
 pub const KUBE_PROXY_HEALTH_PORT: u16 = 10256;
@@ -39,6 +40,7 @@ pub fn desired_load_balancer(
     cluster_id: &str,
     svc: &Service,
     nodes: &[EligibleNode],
+    policies: &Attached,
 ) -> Result<LoadBalancerSpec, InvalidService> {
     let spec = svc.spec.clone().unwrap_or_default();
     let mut reader = AnnotationReader::new(svc.metadata.annotations.as_ref());
@@ -59,13 +61,29 @@ pub fn desired_load_balancer(
         },
     };
 
-    let source_ranges = source_ranges(
-        spec.load_balancer_source_ranges
-            .as_deref()
-            .unwrap_or_default(),
-        reader.raw(ann::SOURCE_RANGES),
-        &mut problems,
-    );
+    let from_policy = match policies.frontend.as_ref().map(apply::source_ranges) {
+        None | Some(Ok(None)) => None,
+        Some(Ok(Some(ranges))) => Some(ranges),
+        Some(Err(mut bad)) => {
+            problems.append(&mut bad);
+            Some(Vec::new())
+        }
+    };
+    // A FrontendPolicy's ranges replace the Service's own.
+    let source_ranges = from_policy.unwrap_or_else(|| {
+        source_ranges(
+            spec.load_balancer_source_ranges
+                .as_deref()
+                .unwrap_or_default(),
+            reader.raw(ann::SOURCE_RANGES),
+            &mut problems,
+        )
+    });
+    let backend_policy = svc
+        .metadata
+        .name
+        .as_ref()
+        .and_then(|name| policies.backend.get(name));
 
     let local = spec.external_traffic_policy.as_deref() == Some("Local");
     let probe = match node_probe(&spec) {
@@ -131,25 +149,32 @@ pub fn desired_load_balancer(
 
     let listeners = listeners
         .into_iter()
-        .map(|(name, protocol, port, node_port)| Listener {
-            name,
-            protocol,
-            port,
-            pool: TargetPool {
-                targets: nodes
-                    .iter()
-                    .map(|n| Target {
-                        node: n.name.clone(),
-                        address: n.internal_ip,
-                        port: node_port,
-                        provider_id: n.provider_id.clone(),
-                    })
-                    .collect(),
-                health_check: health_check.clone(),
-                affinity: affinity.clone(),
-                proxy_protocol,
-                preserve_client_ip: local,
-            },
+        .map(|(name, protocol, port, node_port)| {
+            let mut listener = Listener {
+                name,
+                protocol,
+                port,
+                pool: TargetPool {
+                    targets: nodes
+                        .iter()
+                        .map(|n| Target {
+                            node: n.name.clone(),
+                            address: n.internal_ip,
+                            port: node_port,
+                            provider_id: n.provider_id.clone(),
+                        })
+                        .collect(),
+                    health_check: health_check.clone(),
+                    affinity: affinity.clone(),
+                    proxy_protocol,
+                    preserve_client_ip: local,
+                    drain_timeout: None,
+                },
+            };
+            if let Some(policy) = backend_policy {
+                apply::backend_pool(&mut listener.pool, policy, node_port, false);
+            }
+            listener
         })
         .collect();
 
@@ -317,7 +342,7 @@ mod tests {
 
     #[test]
     fn every_service_port_becomes_a_listener_on_every_nodes_node_port() {
-        let lb = desired_load_balancer("c1", &service(), &nodes()).unwrap();
+        let lb = desired_load_balancer("c1", &service(), &nodes(), &Attached::default()).unwrap();
         assert_eq!(
             lb.name.as_str(),
             "a0b6f4c1e111122223333444455556666"[..32].to_string()
@@ -352,7 +377,7 @@ mod tests {
 
     #[test]
     fn cluster_policy_probes_kube_proxy_and_does_not_preserve_the_client() {
-        let lb = desired_load_balancer("c1", &service(), &nodes()).unwrap();
+        let lb = desired_load_balancer("c1", &service(), &nodes(), &Attached::default()).unwrap();
         let pool = &listeners(&lb)[0].pool;
         assert_eq!(
             pool.health_check.probe,
@@ -370,7 +395,7 @@ mod tests {
         let spec = svc.spec.as_mut().unwrap();
         spec.external_traffic_policy = Some("Local".into());
         spec.health_check_node_port = Some(32111);
-        let lb = desired_load_balancer("c1", &svc, &nodes()).unwrap();
+        let lb = desired_load_balancer("c1", &svc, &nodes(), &Attached::default()).unwrap();
         let pool = &listeners(&lb)[0].pool;
         assert_eq!(
             pool.health_check.probe,
@@ -386,7 +411,7 @@ mod tests {
     fn client_ip_affinity_uses_the_configured_timeout_or_the_kubernetes_default() {
         let mut svc = service();
         svc.spec.as_mut().unwrap().session_affinity = Some("ClientIP".into());
-        let lb = desired_load_balancer("c1", &svc, &nodes()).unwrap();
+        let lb = desired_load_balancer("c1", &svc, &nodes(), &Attached::default()).unwrap();
         assert_eq!(
             listeners(&lb)[0].pool.affinity,
             SessionAffinity::ClientIp {
@@ -398,7 +423,7 @@ mod tests {
                 timeout_seconds: Some(60),
             }),
         });
-        let lb = desired_load_balancer("c1", &svc, &nodes()).unwrap();
+        let lb = desired_load_balancer("c1", &svc, &nodes(), &Attached::default()).unwrap();
         assert_eq!(
             listeners(&lb)[0].pool.affinity,
             SessionAffinity::ClientIp {
@@ -410,11 +435,11 @@ mod tests {
     #[test]
     fn source_ranges_come_from_the_field_else_the_legacy_annotation() {
         let svc = with_annotation(service(), ann::SOURCE_RANGES, "10.0.0.0/8, 127.0.0.1/32");
-        let lb = desired_load_balancer("c1", &svc, &nodes()).unwrap();
+        let lb = desired_load_balancer("c1", &svc, &nodes(), &Attached::default()).unwrap();
         assert_eq!(lb.source_ranges.len(), 2);
         let mut svc = svc;
         svc.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["127.5.0.0/16".into()]);
-        let lb = desired_load_balancer("c1", &svc, &nodes()).unwrap();
+        let lb = desired_load_balancer("c1", &svc, &nodes(), &Attached::default()).unwrap();
         assert_eq!(
             lb.source_ranges,
             vec!["127.5.0.0/16".parse::<IpNet>().unwrap()]
@@ -427,7 +452,7 @@ mod tests {
         let svc = with_annotation(svc, ann::HEALTH_CHECK_TIMEOUT, "9");
         let svc = with_annotation(svc, ann::HEALTH_CHECK_UNHEALTHY_THRESHOLD, "3");
         let svc = with_annotation(svc, ann::PROXY_PROTOCOL, "true");
-        let lb = desired_load_balancer("c1", &svc, &nodes()).unwrap();
+        let lb = desired_load_balancer("c1", &svc, &nodes(), &Attached::default()).unwrap();
         let pool = &listeners(&lb)[0].pool;
         assert_eq!(pool.health_check.interval, Duration::from_secs(5));
         assert_eq!(
@@ -452,7 +477,7 @@ mod tests {
             node_port: Some(30009),
             ..Default::default()
         });
-        let err = desired_load_balancer("c1", &svc, &nodes()).unwrap_err();
+        let err = desired_load_balancer("c1", &svc, &nodes(), &Attached::default()).unwrap_err();
         assert_eq!(err.problems.len(), 5, "{err}");
         assert!(err.to_string().contains("lb.portico.dev/proxy-protocol"));
         assert!(err.to_string().contains("SCTP"));
@@ -462,13 +487,13 @@ mod tests {
     fn ports_without_node_ports_are_rejected() {
         let mut svc = service();
         svc.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].node_port = None;
-        let err = desired_load_balancer("c1", &svc, &nodes()).unwrap_err();
+        let err = desired_load_balancer("c1", &svc, &nodes(), &Attached::default()).unwrap_err();
         assert!(err.to_string().contains("no node port"), "{err}");
     }
 
     #[test]
     fn no_eligible_nodes_still_yields_a_load_balancer() {
-        let lb = desired_load_balancer("c1", &service(), &[]).unwrap();
+        let lb = desired_load_balancer("c1", &service(), &[], &Attached::default()).unwrap();
         assert!(listeners(&lb).iter().all(|l| l.pool.targets.is_empty()));
     }
 }

@@ -86,6 +86,18 @@ pub struct HttpsListener {
     pub port: u16,
     /// Chosen per connection by SNI; several per listener.
     pub certificates: Vec<Certificate>,
+    /// The oldest TLS version a client may negotiate.
+    #[serde(default)]
+    pub min_tls_version: TlsVersion,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +143,9 @@ impl std::fmt::Debug for CertificateSource {
 pub struct Backend {
     pub name: String,
     pub pool: TargetPool,
+    /// This backend's own timeouts, instead of the frontend's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<HttpTimeouts>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,6 +227,13 @@ pub struct TargetPool {
     /// load balancer's.
     #[serde(default)]
     pub preserve_client_ip: bool,
+    /// How long connections to a target that left the pool may go on; `None`: until they end.
+    #[serde(
+        default,
+        with = "optional_duration_ms",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub drain_timeout: Option<Duration>,
 }
 
 /// A node and the port it serves this pool on (the Service's node port).
@@ -338,6 +360,23 @@ mod duration_ms {
     }
 }
 
+mod optional_duration_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration_ms::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,6 +412,7 @@ mod tests {
                         },
                         proxy_protocol: false,
                         preserve_client_ip: false,
+                        drain_timeout: None,
                     },
                 }],
             }),

@@ -179,6 +179,7 @@ mod tests {
                         },
                         proxy_protocol: true,
                         preserve_client_ip: false,
+                        drain_timeout: None,
                     },
                 }],
             }),

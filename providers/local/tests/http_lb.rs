@@ -356,6 +356,7 @@ fn https_app(
         https: Some(HttpsListener {
             port: 443,
             certificates,
+            min_tls_version: Default::default(),
         }),
         redirect_to_https: redirect,
         ..app(routes(vec![], Some(&default)), backends)
@@ -403,6 +404,69 @@ async fn https_chooses_the_certificate_by_sni() {
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let mut h2 = H2::over(tls).await;
     assert_eq!(h2.get("v2.api.example", "/").await.target(), "a");
+    cloud.stop().await;
+}
+
+/// Whether a client offering only TLS 1.2 completes a handshake with `lb`.
+async fn tls12_handshake_succeeds(
+    cert: &TestCert,
+    source: std::net::Ipv4Addr,
+    lb: std::net::SocketAddr,
+) -> bool {
+    install_crypto();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(cert.der.clone()))
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tcp_from(source, lb).await;
+    let name = rustls::pki_types::ServerName::try_from("shop.example").unwrap();
+    tokio::time::timeout(WAIT, connector.connect(name, tcp))
+        .await
+        .expect("the handshake ends in time")
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minimum_tls_version_of_1_3_refuses_tls_1_2_clients_from_the_next_handshake_on() {
+    let net = Net::new(100, 18);
+    let cloud = TestCloud::start(net).await;
+    let a = HttpTarget::start("a", net.target_ip(1)).await;
+    let shop = TestCert::new(&["shop.example"]);
+    let mut app = https_app(
+        vec![shop.certificate("default/shop", &["shop.example"])],
+        false,
+        vec![backend("a", &[&a])],
+    );
+    let status = cloud
+        .provider
+        .ensure(&app_spec("tls", app.clone()))
+        .await
+        .unwrap();
+    let lb = at(address_of(&status), 443);
+    cloud.wait_health("tls", 1, 0).await;
+    assert!(
+        tls12_handshake_succeeds(&shop, net.client(1), lb).await,
+        "1.2 by default"
+    );
+
+    app.https.as_mut().unwrap().min_tls_version = portico_provider::TlsVersion::Tls13;
+    cloud.provider.ensure(&app_spec("tls", app)).await.unwrap();
+    assert!(
+        !tls12_handshake_succeeds(&shop, net.client(1), lb).await,
+        "1.2 refused"
+    );
+    let client = tls_client(&[&shop], &[b"http/1.1"]);
+    let (tls, _) = tls_connect(&client, net.client(1), lb, "shop.example").await;
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    let mut conn = H1::over(tls).await;
+    assert_eq!(conn.get("shop.example", "/", &[]).await.target(), "a");
     cloud.stop().await;
 }
 

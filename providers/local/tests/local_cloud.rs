@@ -355,6 +355,52 @@ async fn updates_apply_without_dropping_established_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_drain_timeout_connections_to_a_removed_target_end_when_it_runs_out() {
+    let net = Net::new(90, 20);
+    let cloud = TestCloud::start(net).await;
+    let a = TcpTarget::start("a", net.target_ip(1), NODE_PORT, Greeting::Plain).await;
+    let b = TcpTarget::start("b", net.target_ip(2), NODE_PORT, Greeting::Plain).await;
+    let draining = |targets: &[&TcpTarget]| {
+        let mut listener = tcp_listener(80, targets);
+        listener.pool.drain_timeout = Some(Duration::from_millis(800));
+        spec("web", vec![listener])
+    };
+    let status = cloud.provider.ensure(&draining(&[&a, &b])).await.unwrap();
+    let lb = lb_addr(&status, 80);
+    cloud.wait_health("web", 2, 0).await;
+
+    let mut to_a = None;
+    let mut to_b = None;
+    for i in 1..=4 {
+        let mut conn = Conn::open(net.client(i), lb).await.unwrap();
+        let greeting = conn.line().await.unwrap();
+        if greeting.starts_with("a ") {
+            to_a = Some(conn);
+        } else {
+            to_b = Some(conn);
+        }
+    }
+    let (mut to_a, mut to_b) = (to_a.unwrap(), to_b.unwrap());
+
+    // a leaves the pool: its connection goes on for the drain timeout, then ends.
+    cloud.provider.ensure(&draining(&[&b])).await.unwrap();
+    assert!(
+        to_a.echo("while draining").await,
+        "alive within the drain timeout"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        !to_a.echo("after draining").await,
+        "closed once the drain timeout ran out"
+    );
+    assert!(
+        to_b.echo("b stays").await,
+        "connections to remaining targets are untouched"
+    );
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_daemon_serves_its_load_balancers_on_the_same_addresses() {
     let net = Net::new(90, 10);
     let dir = tempfile::tempdir().unwrap();

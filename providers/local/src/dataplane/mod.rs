@@ -307,6 +307,7 @@ impl LoadBalancer {
             },
             proxy_protocol: pool.proxy_protocol,
             preserve_client_ip: pool.preserve_client_ip,
+            drain_timeout: pool.drain_timeout,
             source_ranges: ranges.clone(),
         }
     }

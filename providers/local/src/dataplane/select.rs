@@ -30,6 +30,8 @@ pub struct PoolSnapshot {
     pub proxy_protocol: bool,
     pub preserve_client_ip: bool,
     pub source_ranges: SourceRanges,
+    /// How long connections to a target that left the pool may go on; `None`: until they end.
+    pub drain_timeout: Option<Duration>,
 }
 
 impl PoolSnapshot {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::proxy_protocol;
@@ -42,6 +43,8 @@ struct Shared {
     selector: Arc<Selector>,
     stats: Arc<Stats>,
     connections: CancellationToken,
+    /// The pool's configuration, for connections that must end when their target is drained.
+    config: watch::Receiver<Arc<PoolSnapshot>>,
 }
 
 pub(super) async fn serve(listener: TcpListener, mut ctx: ListenerContext) {
@@ -51,6 +54,7 @@ pub(super) async fn serve(listener: TcpListener, mut ctx: ListenerContext) {
         selector: ctx.selector.clone(),
         stats: ctx.stats.clone(),
         connections: ctx.connections.clone(),
+        config: ctx.config.clone(),
     });
     let mut pool = ctx.config.borrow_and_update().clone();
     // Built once: a fresh `cancelled()` per accept would register a waiter each time.
@@ -127,14 +131,56 @@ impl Shared {
             }
         }
         let (mut to_target, mut to_client) = (0, 0);
-        let result =
-            copy_both_ways(&mut client, &mut upstream, &mut to_target, &mut to_client).await;
+        let copy = copy_both_ways(&mut client, &mut upstream, &mut to_target, &mut to_client);
+        // Only pools with a drain timeout pay for watching their configuration.
+        let result = match pool.drain_timeout {
+            None => copy.await,
+            Some(_) => tokio::select! {
+                r = copy => r,
+                _ = drained(self.config.clone(), target) => {
+                    tracing::debug!(lb = %self.lb, client = %peer, %target, "target drained: connection closed");
+                    Ok(())
+                }
+            },
+        };
         Stats::add(&self.stats.bytes_in, to_target);
         Stats::add(&self.stats.bytes_out, to_client);
         if let Err(e) = result {
             tracing::trace!(lb = %self.lb, client = %peer, error = %e, "connection ended");
         }
         self.selector.release(pool, client_ip, target);
+    }
+}
+
+/// Completes once `target` has been out of the pool for the pool's drain timeout (counted from
+/// when it left); never while it stays in, or when the pool keeps connections until they end.
+async fn drained(mut config: watch::Receiver<Arc<PoolSnapshot>>, target: SocketAddr) {
+    let mut gone_since: Option<tokio::time::Instant> = None;
+    loop {
+        let deadline = {
+            let pool = config.borrow_and_update();
+            let present = pool.backends.iter().any(|b| b.addr == target);
+            if present {
+                gone_since = None;
+                None
+            } else {
+                let since = *gone_since.get_or_insert_with(tokio::time::Instant::now);
+                pool.drain_timeout.map(|t| since + t)
+            }
+        };
+        let changed = async {
+            if config.changed().await.is_err() {
+                // The load balancer is gone; `connections` ends this connection.
+                std::future::pending::<()>().await;
+            }
+        };
+        match deadline {
+            Some(deadline) => tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = changed => {}
+            },
+            None => changed.await,
+        }
     }
 }
 

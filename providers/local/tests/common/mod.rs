@@ -209,6 +209,7 @@ pub fn listener(
             affinity: SessionAffinity::None,
             proxy_protocol: false,
             preserve_client_ip: false,
+            drain_timeout: None,
         },
     }
 }

@@ -353,12 +353,14 @@ pub async fn tls_connect(
 pub fn backend(name: &str, targets: &[&HttpTarget]) -> Backend {
     Backend {
         name: name.into(),
+        timeouts: None,
         pool: TargetPool {
             targets: targets.iter().map(|t| target(&t.name, t.addr)).collect(),
             health_check: fast_check(Probe::Tcp { port: TARGET_PORT }),
             affinity: SessionAffinity::None,
             proxy_protocol: false,
             preserve_client_ip: false,
+            drain_timeout: None,
         },
     }
 }

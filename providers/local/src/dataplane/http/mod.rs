@@ -20,6 +20,7 @@ pub mod stats;
 pub mod tls;
 mod upstream;
 
+use portico_provider::TlsVersion;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -80,7 +81,8 @@ pub struct HttpFrontend {
     shared: Arc<Shared>,
     address: IpAddr,
     ports: BTreeMap<u16, RunningPort>,
-    tls: Option<(Arc<SniResolver>, TlsAcceptor)>,
+    /// The certificates, the acceptor HTTPS ports were started with, and its minimum version.
+    tls: Option<(Arc<SniResolver>, TlsAcceptor, TlsVersion)>,
     /// Backend state that outlives updates, by backend name.
     states: HashMap<String, Arc<BackendState>>,
     /// Reused across updates (its pooled connections with it) while the connect timeout
@@ -146,13 +148,24 @@ impl HttpFrontend {
         plan: &Plan,
         health: &HealthRegistry,
     ) -> Vec<PortStatus> {
+        let mut new_acceptor = false;
         if let Some(certificates) = &plan.certificates {
+            let min = plan
+                .app
+                .https
+                .as_ref()
+                .map(|h| h.min_tls_version)
+                .unwrap_or_default();
             match &self.tls {
-                Some((resolver, _)) => resolver.rotate(certificates.clone()),
-                None => {
+                // Same versions: rotate in place, so no handshake ever sees a gap.
+                Some((resolver, _, version)) if *version == min => {
+                    resolver.rotate(certificates.clone())
+                }
+                _ => {
                     let resolver = Arc::new(SniResolver::new(certificates.clone()));
-                    let acceptor = TlsAcceptor::from(tls::server_config(resolver.clone()));
-                    self.tls = Some((resolver, acceptor));
+                    let acceptor = TlsAcceptor::from(tls::server_config(resolver.clone(), min));
+                    self.tls = Some((resolver, acceptor, min));
+                    new_acceptor = true;
                 }
             }
         }
@@ -175,7 +188,11 @@ impl HttpFrontend {
         let stale: Vec<u16> = self
             .ports
             .iter()
-            .filter(|(port, running)| !wanted.contains(&(**port, running.tls)))
+            // A new acceptor (other TLS versions) takes a restart of the HTTPS ports; their
+            // open connections finish on the old one.
+            .filter(|(port, running)| {
+                !wanted.contains(&(**port, running.tls)) || (running.tls && new_acceptor)
+            })
             .map(|(port, _)| *port)
             .collect();
         for port in stale {
@@ -218,7 +235,7 @@ impl HttpFrontend {
         let stop = CancellationToken::new();
         let stats = Arc::new(Stats::default());
         let acceptor = if tls {
-            let (_, acceptor) = self
+            let (_, acceptor, _) = self
                 .tls
                 .as_ref()
                 .expect("an HTTPS port comes with certificates");

@@ -2,6 +2,7 @@
 //! SNI, and swapped atomically when an update rotates them (established connections keep the
 //! key they shook hands with).
 
+use portico_provider::TlsVersion;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
@@ -164,11 +165,16 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// A server configuration offering HTTP/2 and HTTP/1.1 over ALPN, certificates from `resolver`.
-pub fn server_config(resolver: Arc<SniResolver>) -> Arc<ServerConfig> {
+/// A server configuration offering HTTP/2 and HTTP/1.1 over ALPN, certificates from `resolver`,
+/// TLS `min` or newer.
+pub fn server_config(resolver: Arc<SniResolver>, min: TlsVersion) -> Arc<ServerConfig> {
+    let versions: &[&rustls::SupportedProtocolVersion] = match min {
+        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::Tls13 => &[&rustls::version::TLS13],
+    };
     let mut config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .expect("the aws-lc-rs provider supports the default protocol versions")
+        .with_protocol_versions(versions)
+        .expect("the aws-lc-rs provider supports TLS 1.2 and 1.3")
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
