@@ -126,7 +126,7 @@ async fn a_policy_naming_a_missing_service_or_arriving_second_says_so() {
         backend_policy("early", "later", json!({"proxyProtocol": false})),
     )
     .await;
-    let (status, reason, message) = eventually("the missing target is reported", || async {
+    let (status, _, message) = eventually("the missing target is reported", || async {
         backend_accepted(&client, "early")
             .await
             .filter(|(_, reason, _)| reason == "TargetNotFound")
