@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 e2e/scripts/install-control-plane.sh
+e2e/scripts/install-helm.sh
 cargo build --workspace --bins --locked
 exec target/debug/portico-testbed demo "$@"

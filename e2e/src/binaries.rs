@@ -95,6 +95,31 @@ pub fn etcd_binary() -> Result<PathBuf, MissingBinary> {
     }
 }
 
+/// The Helm version `e2e/scripts/install-helm.sh` installs.
+pub const HELM_VERSION: &str = "v4.1.4";
+
+/// Helm: `$PORTICO_HELM`, else the cached one `e2e/scripts/install-helm.sh` installs (a Helm
+/// found elsewhere on `PATH` may be another major version, so it is not used by itself).
+pub fn helm_binary() -> Result<PathBuf, MissingBinary> {
+    let path = env::var_os("PORTICO_HELM")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            cache_dir()
+                .join(format!("helm-{HELM_VERSION}"))
+                .join("helm")
+        });
+    if is_executable(&path) {
+        Ok(path)
+    } else {
+        Err(MissingBinary {
+            name: "helm".into(),
+            path,
+            hint: "run e2e/scripts/install-helm.sh (or point PORTICO_HELM at a Helm v4 binary)",
+        })
+    }
+}
+
 /// A binary built from this workspace (`portico-testbed`, the operator, the local cloud).
 ///
 /// Looks in `$PORTICO_BIN_DIR`, then next to the running executable and in its parent (tests

@@ -46,6 +46,17 @@ pub async fn run(layout: &StateLayout) -> anyhow::Result<ExitCode> {
         layout.root().join("portico"),
     );
     ensure_running(&mut record, layout, &config, LOCAL_CLOUD).await?;
+    println!(
+        "installing the Helm chart {} as release {}/{} …",
+        crate::chart::chart_dir().display(),
+        config.release.namespace,
+        config.release.name
+    );
+    config
+        .helm()?
+        .apply(&config.release, &config.chart_values())
+        .await?;
+    config.write_operator_kubeconfig().await?;
     ensure_running(&mut record, layout, &config, OPERATOR).await?;
 
     let client = kube_client(&record).await?;

@@ -1,5 +1,8 @@
 //! Portico on a testbed: the local cloud and the operator as real processes, pointed at the
-//! cluster's addresses from its [`AddressPlan`].
+//! cluster's addresses from its [`AddressPlan`]. The operator is installed as users install it,
+//! with the Helm chart, and runs on the host under the chart's ServiceAccount, so the API server
+//! holds it to the chart's RBAC (the simulated nodes run only the echo image, not the
+//! operator's, so the chart's Deployment is scaled to 0).
 //!
 //! Tests own them ([`Supervision::Owned`]: they die with the test); the demo detaches them and
 //! records them with the cluster, so `portico-testbed down` stops them too.
@@ -14,11 +17,14 @@ use portico_local_cloud::LocalCloudProvider;
 
 use crate::address_plan::AddressPlan;
 use crate::binaries::workspace_binary;
+use crate::chart::{self, Helm, Release};
 use crate::process::{self, ChildProcess, ProcessSpec, Supervision};
 
 pub const LOCAL_CLOUD: &str = "local-cloud";
 pub const OPERATOR: &str = "operator";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the operator's ServiceAccount token is valid (the demo's operator runs detached).
+const TOKEN_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// How to run Portico against one cluster.
 #[derive(Clone, Debug)]
@@ -31,6 +37,10 @@ pub struct PorticoConfig {
     pub pool: Option<String>,
     /// Extra operator flags (e.g. `--gc-seconds=5`).
     pub operator_args: Vec<String>,
+    /// The chart's release.
+    pub release: Release,
+    /// Chart values merged over the testbed's (see [`chart::local_values`]).
+    pub values: serde_json::Value,
 }
 
 impl PorticoConfig {
@@ -41,7 +51,50 @@ impl PorticoConfig {
             state_dir,
             pool: None,
             operator_args: Vec::new(),
+            release: Release::default(),
+            values: serde_json::json!({}),
         }
+    }
+
+    /// The chart's values for this testbed: the local cloud as the default provider, the
+    /// Deployment scaled to 0 (the operator runs on the host), then [`Self::values`].
+    pub fn chart_values(&self) -> serde_json::Value {
+        let mut values = chart::local_values(
+            self.plan.local_cloud_api(),
+            &serde_json::json!({"replicaCount": 0}),
+        );
+        chart::merge(&mut values, &self.values);
+        values
+    }
+
+    /// Helm for this testbed, with its own home under the state directory.
+    pub fn helm(&self) -> anyhow::Result<Helm> {
+        Ok(Helm::new(&self.kubeconfig, &self.state_dir.join("helm"))?)
+    }
+
+    /// The kubeconfig the operator uses: the chart's ServiceAccount token.
+    pub fn operator_kubeconfig(&self) -> PathBuf {
+        self.state_dir.join("operator.kubeconfig")
+    }
+
+    /// Writes [`Self::operator_kubeconfig`] for the release's ServiceAccount.
+    pub async fn write_operator_kubeconfig(&self) -> anyhow::Result<()> {
+        let admin_text = std::fs::read_to_string(&self.kubeconfig)
+            .with_context(|| format!("reading {}", self.kubeconfig.display()))?;
+        let admin = admin_client(&self.kubeconfig).await?;
+        let token = chart::service_account_token(&admin, &self.release, TOKEN_LIFETIME).await?;
+        let config = chart::kubeconfig_with_token(
+            &admin_text,
+            &format!(
+                "system:serviceaccount:{}:{}",
+                self.release.namespace,
+                self.release.service_account()
+            ),
+            &token,
+        )?;
+        std::fs::create_dir_all(&self.state_dir)?;
+        crate::kubeconfig::write(&self.operator_kubeconfig(), &config)
+            .context("writing the operator's kubeconfig")
     }
 
     pub fn log(&self, name: &str) -> PathBuf {
@@ -72,12 +125,13 @@ impl PorticoConfig {
     }
 
     pub fn operator_spec(&self) -> anyhow::Result<ProcessSpec> {
+        // As the chart's Deployment runs it: the provider from the chart's ProviderConfig, the
+        // IngressClass from the chart, the Lease in the release namespace.
         let mut args = vec![
-            format!("--kubeconfig={}", self.kubeconfig.display()),
-            "--provider=local".to_string(),
-            format!("--local-cloud-api={}", self.plan.local_cloud_api()),
+            format!("--kubeconfig={}", self.operator_kubeconfig().display()),
             format!("--metrics-addr={}", self.plan.operator_metrics()),
-            "--lease-namespace=kube-system".to_string(),
+            format!("--lease-namespace={}", self.release.namespace),
+            "--ingress-class=".to_string(),
         ];
         args.extend(self.operator_args.iter().cloned());
         Ok(ProcessSpec {
@@ -122,6 +176,18 @@ pub async fn start_and_wait(
     }
 }
 
+/// A client with the admin kubeconfig at `path`.
+pub async fn admin_client(path: &Path) -> anyhow::Result<kube::Client> {
+    crate::install_crypto_provider();
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
 /// The status code of a plain `GET`, or `None` when nothing answers.
 pub async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -156,6 +222,10 @@ impl Portico {
             operator: None,
         };
         portico.start_local_cloud().await?;
+        let helm = portico.config.helm()?;
+        helm.install(&portico.config.release, &portico.config.chart_values())
+            .await?;
+        portico.config.write_operator_kubeconfig().await?;
         portico.start_operator().await?;
         Ok(portico)
     }

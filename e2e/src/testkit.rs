@@ -157,13 +157,24 @@ pub async fn http_get(
     source: Option<IpAddr>,
     path: &str,
 ) -> std::io::Result<(u16, String)> {
+    http_get_host(target, source, &target.to_string(), path).await
+}
+
+/// One `GET path` with `Host: host` on a fresh connection (from `source` if given):
+/// (status, body).
+pub async fn http_get_host(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    host: &str,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
     let socket = TcpSocket::new_v4()?;
     if let Some(source) = source {
         socket.bind(SocketAddr::new(source, 0))?;
     }
     let exchange = async {
         let mut stream = socket.connect(target).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;
@@ -254,12 +265,50 @@ pub async fn still_echoes(stream: &mut tokio::io::BufReader<tokio::net::TcpStrea
     assert_eq!(line, format!("{text}\n"));
 }
 
-/// A 3-node cluster with the local cloud and the operator running against it.
+/// A 2-pod echo Deployment `name` behind a Service of type LoadBalancer `name`; its address
+/// once it answers.
+pub async fn load_balancer_answering(client: &Client, name: &str) -> SocketAddr {
+    create(
+        client,
+        &deployment(name, 2, crate::agent::ECHO_IMAGE, &[(8080, "TCP")]),
+    )
+    .await;
+    create(
+        client,
+        &service(name, name, json!({"type": "LoadBalancer"})),
+    )
+    .await;
+    let ip = eventually(&format!("{name} has an EXTERNAL-IP"), || async {
+        let svc = Api::<Service>::namespaced(client.clone(), NS)
+            .get(name)
+            .await
+            .ok()?;
+        svc.status?
+            .load_balancer?
+            .ingress?
+            .first()?
+            .ip
+            .as_ref()?
+            .parse::<std::net::Ipv4Addr>()
+            .ok()
+    })
+    .await;
+    let target = SocketAddr::from((ip, 80));
+    eventually(&format!("{target} answers"), || async {
+        echo_via(target, None).await.ok()
+    })
+    .await;
+    target
+}
+
+/// A 3-node cluster with the local cloud, and the operator installed with the Helm chart
+/// (which brings the CRDs) running against it under the chart's ServiceAccount.
 pub async fn cluster_with_portico(
     tune: impl FnOnce(&mut PorticoConfig),
 ) -> (Testbed, Portico, Client) {
     let testbed = Testbed::start(TestbedOptions {
         nodes: 3,
+        portico_crds: false,
         ..Default::default()
     })
     .await

@@ -71,24 +71,7 @@ async fn wait_for_address(client: &Client, name: &str) -> Ipv4Addr {
 
 /// One request with `Host: host` on a fresh connection: (status, body).
 async fn get(ip: Ipv4Addr, host: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let target = SocketAddr::from((ip, 80));
-    let mut stream = tokio::net::TcpStream::connect(target).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
-        .await
-        .map_err(|_| std::io::Error::other("no answer in 10 s"))??;
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("no HTTP response: {response:?}")))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_string()))
+    http_get_host(SocketAddr::from((ip, 80)), None, host, path).await
 }
 
 /// The app (`web`/`api`) whose pod answered `host` + `path`, or the status code if not 200.

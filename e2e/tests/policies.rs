@@ -1,48 +1,16 @@
 //! BackendPolicies and FrontendPolicies on a live cluster: they change running load balancers,
 //! deleting them restores the defaults, and their status says whether they are in force.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, Resource};
 use portico_crds::{BackendPolicy, FrontendPolicy};
-use portico_e2e::agent::ECHO_IMAGE;
 use portico_e2e::testkit::{
-    NS, cluster_with_portico, create, deployment, echo_via, eventually, service,
+    NS, cluster_with_portico, create, echo_via, eventually, load_balancer_answering, service,
 };
 use serde::de::DeserializeOwned;
 use serde_json::json;
-
-async fn lb_service_answering(client: &Client, name: &str) -> SocketAddr {
-    create(client, &deployment(name, 2, ECHO_IMAGE, &[(8080, "TCP")])).await;
-    create(
-        client,
-        &service(name, name, json!({"type": "LoadBalancer"})),
-    )
-    .await;
-    let ip = eventually(&format!("{name} has an EXTERNAL-IP"), || async {
-        let svc = Api::<Service>::namespaced(client.clone(), NS)
-            .get(name)
-            .await
-            .ok()?;
-        svc.status?
-            .load_balancer?
-            .ingress?
-            .first()?
-            .ip
-            .as_ref()?
-            .parse::<Ipv4Addr>()
-            .ok()
-    })
-    .await;
-    let target = SocketAddr::from((ip, 80));
-    eventually(&format!("{target} answers"), || async {
-        echo_via(target, None).await.ok()
-    })
-    .await;
-    target
-}
 
 async fn apply<K>(client: &Client, body: serde_json::Value) -> K
 where
@@ -84,7 +52,7 @@ async fn backend_accepted(client: &Client, name: &str) -> Option<(String, String
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backend_policy_retunes_a_live_load_balancer_and_deleting_it_restores_the_default() {
     let (_testbed, _portico, client) = cluster_with_portico(|_| {}).await;
-    let target = lb_service_answering(&client, "web").await;
+    let target = load_balancer_answering(&client, "web").await;
 
     // A probe on a path kube-proxy does not serve: every node fails it, so the load balancer
     // stops sending traffic anywhere.
@@ -165,7 +133,7 @@ async fn a_policy_naming_a_missing_service_or_arriving_second_says_so() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frontend_policy_admits_only_its_source_ranges_until_it_is_deleted() {
     let (testbed, _portico, client) = cluster_with_portico(|_| {}).await;
-    let target = lb_service_answering(&client, "guarded").await;
+    let target = load_balancer_answering(&client, "guarded").await;
     let (inside, outside) = (testbed.plan().client_ip(1), testbed.plan().client_ip(2));
 
     apply::<FrontendPolicy>(

@@ -1,0 +1,203 @@
+//! The same install flow on an existing kind cluster (`kind` and Docker present): the chart
+//! installed with Helm, the operator on the host under the chart's ServiceAccount, the local
+//! cloud on the host in front of the kind nodes' node ports. Without kind and Docker these are
+//! ignored at build time (`e2e/build.rs`), so the runner lists each one as skipped.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::Ingress;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::{Client, Resource};
+use portico_e2e::kind::{AGNHOST_IMAGE, KindCluster};
+use portico_e2e::testkit::{eventually, http_get_host};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+const NS: &str = "default";
+
+async fn create<K>(client: &Client, body: serde_json::Value) -> K
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    K: Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    let object: K = serde_json::from_value(body).unwrap();
+    Api::<K>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap()
+}
+
+/// agnhost `netexec` pods `app: <name>` behind a Service of `kind` on port 80.
+async fn netexec(client: &Client, name: &str, replicas: i32, kind: &str) {
+    create::<Deployment>(
+        client,
+        json!({
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {
+                    "metadata": {"labels": {"app": name}},
+                    "spec": {"containers": [{
+                        "name": "netexec", "image": AGNHOST_IMAGE,
+                        "args": ["netexec", "--http-port=8080"],
+                        "ports": [{"containerPort": 8080}],
+                    }]},
+                },
+            },
+        }),
+    )
+    .await;
+    create::<Service>(
+        client,
+        json!({
+            "metadata": {"name": name},
+            "spec": {"type": kind, "selector": {"app": name},
+                     "ports": [{"port": 80, "targetPort": 8080}]},
+        }),
+    )
+    .await;
+}
+
+fn service_ip(svc: &Service) -> Option<Ipv4Addr> {
+    let ingress = svc
+        .status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?;
+    ingress.iter().find_map(|i| i.ip.as_ref()?.parse().ok())
+}
+
+fn ingress_ip(ing: &Ingress) -> Option<Ipv4Addr> {
+    let ingress = ing
+        .status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?;
+    ingress.iter().find_map(|i| i.ip.as_ref()?.parse().ok())
+}
+
+/// `GET /hostname` on `target` with `Host: host`: the pod name of a 200.
+async fn hostname(target: SocketAddr, host: &str) -> Option<String> {
+    let (status, body) = http_get_host(target, None, host, "/hostname").await.ok()?;
+    (status == 200).then_some(body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(not(portico_kind), ignore = "needs kind and Docker")]
+async fn kind_a_load_balancer_service_reaches_every_pod() {
+    let cluster = KindCluster::find().expect("a kind cluster");
+    let _portico = cluster.start_portico().await.expect("portico starts");
+    let client = cluster.client().await.unwrap();
+    netexec(&client, "kind-web", 3, "LoadBalancer").await;
+    let ip = eventually("kind-web has an EXTERNAL-IP", || async {
+        let svc = Api::<Service>::namespaced(client.clone(), NS)
+            .get("kind-web")
+            .await
+            .ok()?;
+        first_ip(svc.status?.load_balancer?.ingress)
+    })
+    .await;
+    let target = SocketAddr::from((ip, 80));
+    let mut pods = BTreeSet::new();
+    for _ in 0..200 {
+        if let Some(pod) = hostname(target, "kind-web").await {
+            pods.insert(pod);
+        }
+        if pods.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        pods.len(),
+        3,
+        "every pod answers through {target}: {pods:?}"
+    );
+    Api::<Service>::namespaced(client.clone(), NS)
+        .delete("kind-web", &DeleteParams::default())
+        .await
+        .unwrap();
+    Api::<Deployment>::namespaced(client, NS)
+        .delete("kind-web", &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(not(portico_kind), ignore = "needs kind and Docker")]
+async fn kind_an_ingress_routes_two_hosts_through_one_address() {
+    let cluster = KindCluster::find().expect("a kind cluster");
+    let _portico = cluster.start_portico().await.expect("portico starts");
+    let client = cluster.client().await.unwrap();
+    netexec(&client, "kind-a", 1, "NodePort").await;
+    netexec(&client, "kind-b", 1, "NodePort").await;
+    let rule = |host: &str, service: &str| {
+        json!({
+            "host": host,
+            "http": {"paths": [{"path": "/", "pathType": "Prefix",
+                                "backend": {"service": {"name": service, "port": {"number": 80}}}}]},
+        })
+    };
+    create::<Ingress>(
+        &client,
+        json!({
+            "metadata": {"name": "kind-two-hosts"},
+            "spec": {"ingressClassName": "portico",
+                     "rules": [rule("a.portico.test", "kind-a"), rule("b.portico.test", "kind-b")]},
+        }),
+    )
+    .await;
+    let ip = eventually("the Ingress has an address", || async {
+        let ingress = Api::<Ingress>::namespaced(client.clone(), NS)
+            .get("kind-two-hosts")
+            .await
+            .ok()?;
+        ingress_ip(&ingress)
+    })
+    .await;
+    let target = SocketAddr::from((ip, 80));
+    let a = eventually("a.portico.test answers", || {
+        hostname(target, "a.portico.test")
+    })
+    .await;
+    let b = eventually("b.portico.test answers", || {
+        hostname(target, "b.portico.test")
+    })
+    .await;
+    assert!(
+        a.starts_with("kind-a-") && b.starts_with("kind-b-"),
+        "{a} / {b}"
+    );
+    for (kind, name) in [
+        ("Ingress", "kind-two-hosts"),
+        ("Service", "kind-a"),
+        ("Service", "kind-b"),
+    ] {
+        let dp = DeleteParams::default();
+        let _ = match kind {
+            "Ingress" => Api::<Ingress>::namespaced(client.clone(), NS)
+                .delete(name, &dp)
+                .await
+                .map(drop),
+            _ => Api::<Service>::namespaced(client.clone(), NS)
+                .delete(name, &dp)
+                .await
+                .map(drop),
+        };
+    }
+    for name in ["kind-a", "kind-b"] {
+        let _ = Api::<Deployment>::namespaced(client.clone(), NS)
+            .delete(name, &DeleteParams::default())
+            .await;
+    }
+}
