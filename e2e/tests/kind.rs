@@ -104,7 +104,7 @@ async fn kind_a_load_balancer_service_reaches_every_pod() {
             .get("kind-web")
             .await
             .ok()?;
-        first_ip(svc.status?.load_balancer?.ingress)
+        service_ip(&svc)
     })
     .await;
     let target = SocketAddr::from((ip, 80));
