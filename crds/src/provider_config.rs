@@ -62,6 +62,13 @@ pub struct LocalSettings {
     /// `host:port` of the local cloud's API, e.g. `127.20.0.251:8900`.
     #[schemars(regex(pattern = r"^[^\s:/]+:[0-9]{1,5}$"))]
     pub api_address: String,
+    /// The part of the local cloud's pool this configuration's load balancers take their
+    /// addresses from: `first-last`, a CIDR or one address. Unset: the whole pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}(-[0-9]{1,3}(\.[0-9]{1,3}){3}|/[0-9]{1,2})?$"
+    ))]
+    pub address_pool: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

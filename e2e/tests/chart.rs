@@ -132,7 +132,15 @@ async fn accepted(client: &Client, name: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_installed_chart_serves_a_load_balancer_service_with_its_own_provider_config() {
-    let (_testbed, portico, client) = cluster_with_portico(|_| {}).await;
+    // The chart's ProviderConfig sets the part of the local cloud's pool its addresses come
+    // from, so the address shows the configuration took effect.
+    let (testbed, portico, client) = cluster_with_portico(|config| {
+        let (first, _) = config.plan.load_balancer_pool();
+        let [a, b, c, _] = first.octets();
+        config.values = json!({"providerConfig": {"local": {
+            "addressPool": format!("{a}.{b}.{c}.200-{a}.{b}.{c}.209")}}});
+    })
+    .await;
     let release = portico.config().release.clone();
 
     let status = eventually("the chart's ProviderConfig is accepted", || {
@@ -161,6 +169,16 @@ async fn the_installed_chart_serves_a_load_balancer_service_with_its_own_provide
     );
 
     let target = load_balancer_answering(&client, "first").await;
+    let [a, b, c, d] = match target.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets(),
+        other => panic!("{other} is not IPv4"),
+    };
+    let (first, _) = testbed.plan().load_balancer_pool();
+    assert_eq!([a, b, c], first.octets()[..3]);
+    assert!(
+        (200..=209).contains(&d),
+        "{target} comes from the configuration's addressPool"
+    );
     echo_via(target, None)
         .await
         .expect("the first Service of type LoadBalancer answers");

@@ -65,7 +65,8 @@ async fn provider_configs_name_exactly_one_valid_cloud() {
             &api,
             kind,
             "local",
-            json!({"default": true, "local": {"apiAddress": "127.0.0.1:8900"}})
+            json!({"default": true,
+                   "local": {"apiAddress": "127.0.0.1:8900", "addressPool": "127.22.0.0/28"}})
         )
         .await,
         Ok(())
@@ -116,6 +117,10 @@ async fn provider_configs_name_exactly_one_valid_cloud() {
         (
             "bad-address",
             json!({"local": {"apiAddress": "http://127.0.0.1"}}),
+        ),
+        (
+            "bad-pool",
+            json!({"local": {"apiAddress": "127.0.0.1:8900", "addressPool": "the first ten"}}),
         ),
     ] {
         assert!(

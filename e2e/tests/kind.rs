@@ -13,55 +13,47 @@ use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, Resource};
 use portico_e2e::kind::{AGNHOST_IMAGE, KindCluster};
-use portico_e2e::testkit::{eventually, http_get_host};
+use portico_e2e::testkit::{deployment, eventually, http_get_host, service};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
 const NS: &str = "default";
 
-async fn create<K>(client: &Client, body: serde_json::Value) -> K
+async fn create<K>(client: &Client, object: &K)
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
     K: Clone + DeserializeOwned + Serialize + std::fmt::Debug,
 {
-    let object: K = serde_json::from_value(body).unwrap();
     Api::<K>::namespaced(client.clone(), NS)
-        .create(&PostParams::default(), &object)
+        .create(&PostParams::default(), object)
         .await
-        .unwrap()
+        .unwrap();
+}
+
+/// Deletes what a test made: the kind cluster outlives the test.
+async fn remove<K>(client: &Client, name: &str)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    K: Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let _ = Api::<K>::namespaced(client.clone(), NS)
+        .delete(name, &DeleteParams::default())
+        .await;
 }
 
 /// agnhost `netexec` pods `app: <name>` behind a Service of `kind` on port 80.
 async fn netexec(client: &Client, name: &str, replicas: i32, kind: &str) {
-    create::<Deployment>(
-        client,
-        json!({
-            "metadata": {"name": name},
-            "spec": {
-                "replicas": replicas,
-                "selector": {"matchLabels": {"app": name}},
-                "template": {
-                    "metadata": {"labels": {"app": name}},
-                    "spec": {"containers": [{
-                        "name": "netexec", "image": AGNHOST_IMAGE,
-                        "args": ["netexec", "--http-port=8080"],
-                        "ports": [{"containerPort": 8080}],
-                    }]},
-                },
-            },
-        }),
-    )
-    .await;
-    create::<Service>(
-        client,
-        json!({
-            "metadata": {"name": name},
-            "spec": {"type": kind, "selector": {"app": name},
-                     "ports": [{"port": 80, "targetPort": 8080}]},
-        }),
-    )
-    .await;
+    let mut pods = deployment(name, replicas, AGNHOST_IMAGE, &[(8080, "TCP")]);
+    let template = pods.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
+    template.containers[0].args = Some(vec!["netexec".into(), "--http-port=8080".into()]);
+    create(client, &pods).await;
+    create(client, &service(name, name, json!({"type": kind}))).await;
+}
+
+async fn remove_netexec(client: &Client, name: &str) {
+    remove::<Service>(client, name).await;
+    remove::<Deployment>(client, name).await;
 }
 
 fn service_ip(svc: &Service) -> Option<Ipv4Addr> {
@@ -123,14 +115,7 @@ async fn kind_a_load_balancer_service_reaches_every_pod() {
         3,
         "every pod answers through {target}: {pods:?}"
     );
-    Api::<Service>::namespaced(client.clone(), NS)
-        .delete("kind-web", &DeleteParams::default())
-        .await
-        .unwrap();
-    Api::<Deployment>::namespaced(client, NS)
-        .delete("kind-web", &DeleteParams::default())
-        .await
-        .unwrap();
+    remove_netexec(&client, "kind-web").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -148,15 +133,13 @@ async fn kind_an_ingress_routes_two_hosts_through_one_address() {
                                 "backend": {"service": {"name": service, "port": {"number": 80}}}}]},
         })
     };
-    create::<Ingress>(
-        &client,
-        json!({
-            "metadata": {"name": "kind-two-hosts"},
-            "spec": {"ingressClassName": "portico",
-                     "rules": [rule("a.portico.test", "kind-a"), rule("b.portico.test", "kind-b")]},
-        }),
-    )
-    .await;
+    let ingress: Ingress = serde_json::from_value(json!({
+        "metadata": {"name": "kind-two-hosts"},
+        "spec": {"ingressClassName": "portico",
+                 "rules": [rule("a.portico.test", "kind-a"), rule("b.portico.test", "kind-b")]},
+    }))
+    .unwrap();
+    create(&client, &ingress).await;
     let ip = eventually("the Ingress has an address", || async {
         let ingress = Api::<Ingress>::namespaced(client.clone(), NS)
             .get("kind-two-hosts")
@@ -178,26 +161,7 @@ async fn kind_an_ingress_routes_two_hosts_through_one_address() {
         a.starts_with("kind-a-") && b.starts_with("kind-b-"),
         "{a} / {b}"
     );
-    for (kind, name) in [
-        ("Ingress", "kind-two-hosts"),
-        ("Service", "kind-a"),
-        ("Service", "kind-b"),
-    ] {
-        let dp = DeleteParams::default();
-        let _ = match kind {
-            "Ingress" => Api::<Ingress>::namespaced(client.clone(), NS)
-                .delete(name, &dp)
-                .await
-                .map(drop),
-            _ => Api::<Service>::namespaced(client.clone(), NS)
-                .delete(name, &dp)
-                .await
-                .map(drop),
-        };
-    }
-    for name in ["kind-a", "kind-b"] {
-        let _ = Api::<Deployment>::namespaced(client.clone(), NS)
-            .delete(name, &DeleteParams::default())
-            .await;
-    }
+    remove::<Ingress>(&client, "kind-two-hosts").await;
+    remove_netexec(&client, "kind-a").await;
+    remove_netexec(&client, "kind-b").await;
 }

@@ -39,6 +39,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if eq $p.provider "local" }}
 local:
   apiAddress: {{ required "providerConfig.local.apiAddress is required for the local provider (host:port of the local cloud's API)" $p.local.apiAddress | quote }}
+  {{- with $p.local.addressPool }}
+  addressPool: {{ . | quote }}
+  {{- end }}
 {{- else if eq $p.provider "aws" }}
 aws:
   region: {{ required "providerConfig.aws.region is required for the aws provider" $p.aws.region | quote }}

@@ -29,9 +29,14 @@ fn local(spec: &ProviderConfigSpec) -> Result<Arc<dyn Provider>, String> {
             settings.api_address
         )
     })?;
-    Ok(Arc::new(portico_local_cloud::LocalCloudProvider::new(
-        address,
-    )))
+    let provider = portico_local_cloud::LocalCloudProvider::new(address);
+    Ok(Arc::new(match &settings.address_pool {
+        None => provider,
+        Some(pool) => provider.with_pool(
+            pool.parse()
+                .map_err(|e| format!("local.addressPool {pool:?}: {e}"))?,
+        ),
+    }))
 }
 
 #[cfg(not(feature = "local"))]
@@ -61,8 +66,31 @@ mod tests {
         let mut s = spec();
         s.local = Some(LocalSettings {
             api_address: "127.0.0.1:8900".into(),
+            address_pool: None,
         });
         assert_eq!(build_provider(&s).unwrap().name(), "local");
+    }
+
+    #[cfg(feature = "local")]
+    #[test]
+    fn an_address_pool_the_local_cloud_cannot_serve_is_refused_with_the_reason() {
+        let mut s = spec();
+        for (pool, why) in [
+            ("127.22.0.9-127.22.0.1", "comes after"),
+            ("10.0.0.1-10.0.0.9", "127.0.0.0/8"),
+        ] {
+            s.local = Some(LocalSettings {
+                api_address: "127.0.0.1:8900".into(),
+                address_pool: Some(pool.into()),
+            });
+            let err = build_provider(&s).err().unwrap();
+            assert!(
+                err.contains("local.addressPool") && err.contains(why),
+                "{err}"
+            );
+        }
+        s.local.as_mut().unwrap().address_pool = Some("127.22.0.0/28".into());
+        assert!(build_provider(&s).is_ok());
     }
 
     #[test]
@@ -70,6 +98,7 @@ mod tests {
         let mut s = spec();
         s.local = Some(LocalSettings {
             api_address: "cloud.example:8900".into(),
+            address_pool: None,
         });
         let err = build_provider(&s).err().unwrap();
         assert!(

@@ -115,6 +115,7 @@ mod tests {
                 load_balancer_class: class.map(Into::into),
                 local: Some(LocalSettings {
                     api_address: "127.0.0.1:8900".into(),
+                    address_pool: None,
                 }),
                 aws: None,
                 gcp: None,

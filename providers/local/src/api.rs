@@ -2,7 +2,7 @@
 //!
 //! | route | success | errors |
 //! |---|---|---|
-//! | `PUT /v1/loadbalancers/{name}` (`LoadBalancerSpec`) | 200 `LoadBalancerStatus` | 400, 409, 422, 507 |
+//! | `PUT /v1/loadbalancers/{name}[?pool=first-last]` (`LoadBalancerSpec`) | 200 `LoadBalancerStatus` | 400, 409, 422, 507 |
 //! | `GET /v1/loadbalancers/{name}` | 200 `ObservedLoadBalancer` | 404 |
 //! | `GET /v1/loadbalancers[?clusterId=]` | 200 `[ObservedLoadBalancer]` | |
 //! | `DELETE /v1/loadbalancers/{name}?clusterId=&objectUid=` | 204 | 404, 409, 422 |
@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cloud::{Cloud, CloudError, describe};
-use crate::pool::PoolError;
+use crate::pool::{AddressPool, PoolError};
 use crate::query;
 
 const MAX_BODY: usize = 1 << 20;
@@ -111,7 +111,7 @@ async fn route(cloud: &Cloud, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     Some(lb) => json(StatusCode::OK, &lb),
                     None => from_cloud_error(CloudError::NotFound(name)),
                 },
-                Method::PUT => put(cloud, &name, req).await,
+                Method::PUT => put(cloud, &name, query.as_deref(), req).await,
                 Method::DELETE => delete(cloud, &name, query.as_deref()).await,
                 _ => error(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -135,8 +135,22 @@ async fn route(cloud: &Cloud, req: Request<Incoming>) -> Response<Full<Bytes>> {
 async fn put(
     cloud: &Cloud,
     name: &LoadBalancerName,
+    query: Option<&str>,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
+    // The part of the pool a new load balancer's address comes from (a ProviderConfig's).
+    let within = match query::get(query, "pool").map(|p| p.parse::<AddressPool>()) {
+        None => None,
+        Some(Ok(pool)) => Some(pool),
+        Some(Err(e)) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                format!("pool: {e}"),
+                None,
+            );
+        }
+    };
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(body) => body.to_bytes(),
         Err(e) => {
@@ -166,7 +180,7 @@ async fn put(
             );
         }
     };
-    match cloud.ensure(name, spec).await {
+    match cloud.ensure(name, spec, within).await {
         Ok(status) => json(StatusCode::OK, &status),
         Err(e) => from_cloud_error(e),
     }

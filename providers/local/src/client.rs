@@ -17,6 +17,7 @@ use portico_provider::{
 use serde::de::DeserializeOwned;
 
 use crate::api::ErrorBody;
+use crate::pool::AddressPool;
 use crate::query;
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,6 +28,7 @@ pub struct LocalCloudProvider {
     api: SocketAddr,
     client: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
+    pool: Option<AddressPool>,
 }
 
 /// An answer of the API, read in full.
@@ -46,7 +48,14 @@ impl LocalCloudProvider {
             api,
             client: Client::builder(TokioExecutor::new()).build(connector),
             timeout: DEFAULT_TIMEOUT,
+            pool: None,
         }
+    }
+
+    /// New load balancers take their addresses from `pool`, a part of the cloud's pool.
+    pub fn with_pool(mut self, pool: AddressPool) -> Self {
+        self.pool = Some(pool);
+        self
     }
 
     /// Bounds every call (connect, request and reading the answer) by `timeout` instead of 10 s.
@@ -170,9 +179,15 @@ impl Provider for LocalCloudProvider {
 
     async fn ensure(&self, spec: &LoadBalancerSpec) -> Result<LoadBalancerStatus, ProviderError> {
         let body = serde_json::to_vec(spec).expect("specs always serialize");
-        let answer = self
-            .call(Method::PUT, &path(&spec.name), Some(body))
-            .await?;
+        let target = match self.pool {
+            Some(pool) => format!(
+                "{}?pool={}",
+                path(&spec.name),
+                query::encode(&pool.to_string())
+            ),
+            None => path(&spec.name),
+        };
+        let answer = self.call(Method::PUT, &target, Some(body)).await?;
         match answer.status {
             StatusCode::OK => parse(&answer),
             _ => Err(error(&answer, Some(&spec.name))),

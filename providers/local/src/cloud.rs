@@ -134,11 +134,14 @@ impl Cloud {
     }
 
     /// Creates the load balancer or brings it to `spec`. Idempotent: the same spec again
-    /// changes nothing (unless a port failed to bind, which is then retried).
+    /// changes nothing (unless a port failed to bind, which is then retried). A new address
+    /// comes from `within` (a part of the pool) when given; an existing load balancer keeps its
+    /// address, as after a change of `--pool`.
     pub async fn ensure(
         &self,
         name: &LoadBalancerName,
         spec: LoadBalancerSpec,
+        within: Option<AddressPool>,
     ) -> Result<LoadBalancerStatus, CloudError> {
         if spec.name != *name {
             return Err(CloudError::Invalid(format!(
@@ -151,7 +154,7 @@ impl Cloud {
         let registry = &mut *guard;
 
         let Some(entry) = registry.lbs.get(name) else {
-            return self.create(registry, spec, &plan).await;
+            return self.create(registry, spec, &plan, within).await;
         };
         if !entry.spec.owner.same_owner(&spec.owner) {
             return Err(CloudError::NotOwned {
@@ -163,7 +166,7 @@ impl Cloud {
             .requested_address
             .is_some_and(|a| a != IpAddr::V4(entry.address));
         if moving {
-            return self.move_address(registry, spec, &plan).await;
+            return self.move_address(registry, spec, &plan, within).await;
         }
         if entry.spec == spec && !entry.dataplane.has_failed_ports() {
             return Ok(entry.status());
@@ -192,9 +195,12 @@ impl Cloud {
         registry: &mut Registry,
         spec: LoadBalancerSpec,
         plan: &Plan,
+        within: Option<AddressPool>,
     ) -> Result<LoadBalancerStatus, CloudError> {
         let name = spec.name.clone();
-        let address = registry.allocator.allocate(spec.requested_address)?;
+        let address = registry
+            .allocator
+            .allocate_within(spec.requested_address, within)?;
         let record = StoredLoadBalancer {
             address,
             spec: spec.clone(),
@@ -223,9 +229,12 @@ impl Cloud {
         registry: &mut Registry,
         spec: LoadBalancerSpec,
         plan: &Plan,
+        within: Option<AddressPool>,
     ) -> Result<LoadBalancerStatus, CloudError> {
         let name = spec.name.clone();
-        let address = registry.allocator.allocate(spec.requested_address)?;
+        let address = registry
+            .allocator
+            .allocate_within(spec.requested_address, within)?;
         let record = StoredLoadBalancer {
             address,
             spec: spec.clone(),

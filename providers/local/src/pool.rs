@@ -34,6 +34,13 @@ pub enum PoolError {
     Taken(IpAddr),
     #[error("every address of the pool {0} is taken")]
     Exhausted(AddressPool),
+    /// A part of the pool was asked for (a ProviderConfig's `addressPool`) that the cloud's
+    /// pool does not hold.
+    #[error("the address range {range} is not inside the cloud's pool {pool}")]
+    NotWithin {
+        range: AddressPool,
+        pool: AddressPool,
+    },
 }
 
 impl AddressPool {
@@ -62,6 +69,11 @@ impl AddressPool {
             IpAddr::V4(a) => self.first <= a && a <= self.last,
             IpAddr::V6(_) => false,
         }
+    }
+
+    /// Whether every address of `other` is in this pool.
+    pub fn covers(&self, other: &AddressPool) -> bool {
+        self.first <= other.first && other.last <= self.last
     }
 
     pub fn len(&self) -> u64 {
@@ -138,20 +150,43 @@ impl Allocator {
     /// Takes `requested` when given (it must be in the pool and free), otherwise the lowest
     /// free address, so allocation is deterministic and addresses are reused after deletes.
     pub fn allocate(&mut self, requested: Option<IpAddr>) -> Result<Ipv4Addr, PoolError> {
+        self.allocate_within(requested, None)
+    }
+
+    /// As [`Self::allocate`], from `within` (a part of the pool set aside for one user of the
+    /// cloud) instead of the whole pool.
+    pub fn allocate_within(
+        &mut self,
+        requested: Option<IpAddr>,
+        within: Option<AddressPool>,
+    ) -> Result<Ipv4Addr, PoolError> {
+        let range = within.unwrap_or(self.pool);
+        if !self.pool.covers(&range) {
+            return Err(PoolError::NotWithin {
+                range,
+                pool: self.pool,
+            });
+        }
         let address = match requested {
             Some(address) => {
                 let IpAddr::V4(a) = address else {
-                    return Err(self.outside(address));
+                    return Err(PoolError::OutsidePool {
+                        address,
+                        pool: range,
+                    });
                 };
-                if !self.pool.contains(address) {
-                    return Err(self.outside(address));
+                if !range.contains(address) {
+                    return Err(PoolError::OutsidePool {
+                        address,
+                        pool: range,
+                    });
                 }
                 if self.taken.contains(&a) {
                     return Err(PoolError::Taken(address));
                 }
                 a
             }
-            None => self.lowest_free()?,
+            None => self.lowest_free(range)?,
         };
         self.taken.insert(address);
         Ok(address)
@@ -176,25 +211,18 @@ impl Allocator {
         self.taken.contains(&address)
     }
 
-    fn outside(&self, address: IpAddr) -> PoolError {
-        PoolError::OutsidePool {
-            address,
-            pool: self.pool,
-        }
-    }
-
     /// Walks the gaps between taken addresses rather than the whole pool, so a large, mostly
     /// free pool costs as little as a small one.
-    fn lowest_free(&self) -> Result<Ipv4Addr, PoolError> {
-        let (first, last) = (u32::from(self.pool.first), u32::from(self.pool.last));
+    fn lowest_free(&self, range: AddressPool) -> Result<Ipv4Addr, PoolError> {
+        let (first, last) = (u32::from(range.first), u32::from(range.last));
         let mut candidate = first;
-        for taken in self.taken.range(self.pool.first..=self.pool.last) {
+        for taken in self.taken.range(range.first..=range.last) {
             let taken = u32::from(*taken);
             if candidate < taken {
                 break;
             }
             if taken == last {
-                return Err(PoolError::Exhausted(self.pool));
+                return Err(PoolError::Exhausted(range));
             }
             candidate = taken + 1;
         }
@@ -212,6 +240,38 @@ mod tests {
 
     fn small_pool() -> Allocator {
         Allocator::new("127.90.0.1-127.90.0.3".parse().unwrap())
+    }
+
+    #[test]
+    fn a_part_of_the_pool_hands_out_only_its_own_addresses() {
+        let mut allocator = Allocator::new("127.90.0.1-127.90.0.10".parse().unwrap());
+        let part: AddressPool = "127.90.0.5-127.90.0.6".parse().unwrap();
+        assert_eq!(
+            allocator.allocate_within(None, Some(part)),
+            Ok(ip("127.90.0.5"))
+        );
+        assert_eq!(
+            allocator.allocate_within(None, Some(part)),
+            Ok(ip("127.90.0.6"))
+        );
+        assert_eq!(
+            allocator.allocate_within(None, Some(part)),
+            Err(PoolError::Exhausted(part))
+        );
+        // The rest of the pool is still there for everyone else.
+        assert_eq!(allocator.allocate(None), Ok(ip("127.90.0.1")));
+        assert_eq!(
+            allocator.allocate_within(Some(ip("127.90.0.2").into()), Some(part)),
+            Err(PoolError::OutsidePool {
+                address: ip("127.90.0.2").into(),
+                pool: part
+            })
+        );
+        let beyond: AddressPool = "127.90.0.9-127.90.0.20".parse().unwrap();
+        assert!(matches!(
+            allocator.allocate_within(None, Some(beyond)),
+            Err(PoolError::NotWithin { .. })
+        ));
     }
 
     #[test]

@@ -803,3 +803,54 @@ async fn concurrent_connections_with_half_closes_all_complete() {
     assert!(accepted.ends_with(" 200"), "{accepted}");
     cloud.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_with_a_part_of_the_pool_places_new_load_balancers_only_there() {
+    let net = Net::new(90, 21);
+    let cloud = TestCloud::start(net).await;
+    let a = TcpTarget::start("a", net.target_ip(1), NODE_PORT, Greeting::Plain).await;
+    let tenant = cloud.provider.clone().with_pool(net.pool(5, 6));
+
+    let first = tenant
+        .ensure(&spec("tenant-1", vec![tcp_listener(80, &[&a])]))
+        .await
+        .unwrap();
+    let second = tenant
+        .ensure(&spec("tenant-2", vec![tcp_listener(80, &[&a])]))
+        .await
+        .unwrap();
+    assert_eq!(
+        (address_of(&first), address_of(&second)),
+        (net.ip(5), net.ip(6))
+    );
+    assert_eq!(
+        who(net.client(1), lb_addr(&first, 80)).await.as_deref(),
+        Some("a")
+    );
+    let full = tenant
+        .ensure(&spec("tenant-3", vec![tcp_listener(80, &[&a])]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(full, ProviderError::Exhausted(_)),
+        "its part is full even though the pool is not: {full:?}"
+    );
+    // Everyone else still gets the rest of the pool.
+    let other = cloud
+        .provider
+        .ensure(&spec("other", vec![tcp_listener(80, &[&a])]))
+        .await
+        .unwrap();
+    assert_eq!(address_of(&other), net.ip(1));
+
+    let outside = cloud.provider.clone().with_pool(net.pool(8, 20));
+    let err = outside
+        .ensure(&spec("outside", vec![tcp_listener(80, &[&a])]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ProviderError::Invalid(m) if m.contains("not inside the cloud's pool")),
+        "{err:?}"
+    );
+    cloud.stop().await;
+}
