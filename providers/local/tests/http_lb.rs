@@ -242,6 +242,43 @@ async fn requests_on_one_keep_alive_connection_are_balanced_round_robin() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_are_reached_over_kept_alive_connections_reused_across_requests_and_clients() {
+    let net = Net::new(100, 21);
+    let cloud = TestCloud::start(net).await;
+    let targets = [
+        HttpTarget::start("t1", net.target_ip(1)).await,
+        HttpTarget::start("t2", net.target_ip(2)).await,
+    ];
+    let refs: Vec<&HttpTarget> = targets.iter().collect();
+    let spec = app_spec(
+        "pooled",
+        app(routes(vec![], Some("web")), vec![backend("web", &refs)]),
+    );
+    let lb = at(create(&cloud, &spec).await, 80);
+    cloud.wait_health("pooled", 2, 0).await;
+
+    // One request at a time, from two clients in turn, over their own keep-alive
+    // connections: each target needs one connection for all of them.
+    let mut first = H1::connect(net.client(1), lb).await;
+    let mut second = H1::connect(net.client(2), lb).await;
+    for _ in 0..20 {
+        assert_eq!(first.get("pooled.example", "/", &[]).await.status, 200);
+        assert_eq!(second.get("pooled.example", "/", &[]).await.status, 200);
+    }
+    // A response with no body (HEAD) gives its connection back as well.
+    for _ in 0..4 {
+        let head = first.request("HEAD", "pooled.example", "/").await;
+        assert_eq!(head.status, 200);
+    }
+    assert_eq!(
+        targets.each_ref().map(HttpTarget::used_connections),
+        [1, 1],
+        "44 requests in turn reuse one connection per target"
+    );
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cookie_affinity_pins_a_client_and_gives_new_clients_a_cookie() {
     let net = Net::new(100, 6);
     let cloud = TestCloud::start(net).await;

@@ -29,6 +29,8 @@ pub const TARGET_PORT: u16 = 31080;
 pub struct HttpTarget {
     pub name: String,
     pub addr: SocketAddr,
+    /// Connections that carried at least one request (health probes only connect).
+    used_connections: Arc<std::sync::atomic::AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -39,14 +41,22 @@ impl HttpTarget {
         let listener = TcpListener::bind((ip, TARGET_PORT)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let who: Arc<str> = name.into();
+        let used_connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let used = used_connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let who = who.clone();
+                let (who, used) = (who.clone(), used.clone());
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| answer(who.clone(), req));
+                    let first = std::sync::atomic::AtomicBool::new(true);
+                    let service = service_fn(move |req| {
+                        if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                            used.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        answer(who.clone(), req)
+                    });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .with_upgrades()
@@ -57,8 +67,15 @@ impl HttpTarget {
         HttpTarget {
             name: name.into(),
             addr,
+            used_connections,
             task,
         }
+    }
+
+    /// How many connections have carried requests to this target.
+    pub fn used_connections(&self) -> usize {
+        self.used_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -217,13 +234,33 @@ impl H1 {
             .expect("the request succeeds")
     }
 
+    /// `method path` with `Host: host`.
+    pub async fn request(&mut self, method: &str, host: &str, path: &str) -> Reply {
+        self.try_request(method, host, path, &[])
+            .await
+            .expect("the request succeeds")
+    }
+
     pub async fn try_get(
         &mut self,
         host: &str,
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<Reply, hyper::Error> {
-        let mut req = Request::get(path).header("host", host);
+        self.try_request("GET", host, path, headers).await
+    }
+
+    pub async fn try_request(
+        &mut self,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, hyper::Error> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", host);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
