@@ -124,6 +124,20 @@ impl PorticoConfig {
         })
     }
 
+    /// The operator as a second replica would run: the same account and Lease, its own
+    /// metrics address (`port` on the operator's address).
+    pub fn replica_spec(&self, port: u16) -> anyhow::Result<ProcessSpec> {
+        let mut spec = self.operator_spec()?;
+        let metrics = SocketAddr::new(self.plan.operator_metrics().ip(), port);
+        for arg in &mut spec.args {
+            if arg.to_string_lossy().starts_with("--metrics-addr=") {
+                *arg = format!("--metrics-addr={metrics}").into();
+            }
+        }
+        spec.name = format!("{OPERATOR}-{port}");
+        Ok(spec)
+    }
+
     pub fn operator_spec(&self) -> anyhow::Result<ProcessSpec> {
         // As the chart's Deployment runs it: the provider from the chart's ProviderConfig, the
         // IngressClass from the chart, the Lease in the release namespace.
@@ -274,6 +288,14 @@ impl Portico {
         )
         .await?;
         self.operator = Some(child);
+        Ok(())
+    }
+
+    /// SIGTERM, as Kubernetes stops a pod: the operator releases its lease on the way out.
+    pub async fn stop_operator(&mut self) -> anyhow::Result<()> {
+        if let Some(child) = self.operator.take() {
+            process::terminate(&mut [child], process::STOP_GRACE).await?;
+        }
         Ok(())
     }
 

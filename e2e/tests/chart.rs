@@ -2,9 +2,11 @@
 //! values no cloud can work with, installs and upgrades cleanly, and its RBAC is both enough
 //! (every e2e test runs the operator under it) and no more than the operator uses.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::IngressClass;
 use k8s_openapi::api::rbac::v1::ClusterRole;
@@ -13,6 +15,8 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use portico_crds::ProviderConfig;
 use portico_e2e::chart::{self, Helm};
+use portico_e2e::portico::http_status;
+use portico_e2e::process;
 use portico_e2e::testkit::{
     NS, cluster_with_portico, echo_via, eventually, load_balancer_answering,
 };
@@ -385,4 +389,50 @@ async fn the_chart_upgrades_in_place_and_uninstalls_without_taking_the_crds() {
             "{name} survives the uninstall"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_under_the_charts_account_elect_one_leader_and_the_standby_takes_over() {
+    let (_testbed, mut portico, client) = cluster_with_portico(|_| {}).await;
+    let config = portico.config().clone();
+    let standby_metrics = SocketAddr::new(config.plan.operator_metrics().ip(), 8081);
+    let spec = config.replica_spec(standby_metrics.port()).unwrap();
+    let mut standby = process::spawn(
+        &spec,
+        &config.log(&spec.name),
+        process::Supervision::Owned,
+        None,
+    )
+    .unwrap();
+    eventually("the standby serves its health endpoint", || async {
+        (http_status(standby_metrics, "/healthz").await == Some(200)).then_some(())
+    })
+    .await;
+    // The first replica holds the Lease: the standby stays unready, doing nothing.
+    for _ in 0..10 {
+        assert_eq!(
+            http_status(standby_metrics, "/readyz").await,
+            Some(503),
+            "the standby must not lead while the leader holds the Lease"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let lease = Api::<Lease>::namespaced(client.clone(), &config.release.namespace);
+    let holder = |lease: Lease| lease.spec?.holder_identity;
+    let first = holder(lease.get("portico-operator").await.unwrap()).expect("a holder");
+
+    // The leader stops as a pod does; the standby takes the Lease and serves.
+    portico.stop_operator().await.unwrap();
+    eventually("the standby becomes the leader", || async {
+        (http_status(standby_metrics, "/readyz").await == Some(200)).then_some(())
+    })
+    .await;
+    let second = holder(lease.get("portico-operator").await.unwrap()).expect("a holder");
+    assert_ne!(first, second, "the Lease changed hands");
+    load_balancer_answering(&client, "after-failover").await;
+    assert!(
+        !process::log_tail(&config.log(&spec.name), 200).contains("forbidden"),
+        "the standby was refused something it needs"
+    );
+    standby.kill_and_wait();
 }
