@@ -89,14 +89,31 @@ pub fn read_proc_stat(pid: u32) -> io::Result<Option<ProcStat>> {
     }
 }
 
+/// Whether any thread of `pid` is neither a zombie nor dead.
+fn other_threads_alive(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|text| parse_proc_stat(&text))
+            .is_some_and(|stat| !matches!(stat.state, 'Z' | 'X'))
+    })
+}
+
 impl ProcessRecord {
     /// Whether this very process (not a later one reusing its pid) still runs. A zombie does
-    /// not count: it has released its ports and only waits to be reaped.
+    /// not count (it has released its ports and descriptors and only waits to be reaped), but
+    /// only once all its threads are gone: a multi-threaded program's main thread can be a
+    /// zombie while the others still hold its descriptors (its slot lock among them).
     pub fn is_running(&self) -> bool {
-        matches!(
-            read_proc_stat(self.pid),
-            Ok(Some(stat)) if stat.start_time == self.start_time && !matches!(stat.state, 'Z' | 'X')
-        )
+        match read_proc_stat(self.pid) {
+            Ok(Some(stat)) if stat.start_time == self.start_time => {
+                !matches!(stat.state, 'Z' | 'X') || other_threads_alive(self.pid)
+            }
+            _ => false,
+        }
     }
 
     /// Sends `signal` if this process still runs; `Ok(false)` if it is gone.
