@@ -1,0 +1,13 @@
+//! `portico-aws`: Portico's AWS provider on Elastic Load Balancing v2. Services get network
+//! load balancers (a listener and a target group per port, the nodes as targets on their node
+//! port); Ingresses (application load balancers) are still to come.
+//!
+//! Translation is pure ([`network`]); [`provider`] reads what exists, changes what differs,
+//! and maps AWS errors onto the reconciler's ([`error`]).
+
+pub mod error;
+pub mod network;
+pub mod provider;
+pub mod tags;
+
+pub use provider::{AwsProvider, AwsSettings};

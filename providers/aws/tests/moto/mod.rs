@@ -1,0 +1,137 @@
+//! moto, the AWS API emulator, as a real server on loopback for one test: started on a free
+//! port, its default VPC and subnets looked up, stopped with the test. Each test has its own
+//! server, so state never leaks between tests.
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use aws_sdk_elasticloadbalancingv2::Client;
+use aws_sdk_elasticloadbalancingv2::config::{BehaviorVersion, Credentials, Region};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+/// `$PORTICO_MOTO_SERVER`, else the one `e2e/scripts/install-moto.sh` puts in the cache, else
+/// `moto_server` on `PATH`.
+fn moto_server() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("PORTICO_MOTO_SERVER").filter(|v| !v.is_empty()) {
+        return path.into();
+    }
+    let set = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    let cache = set("PORTICO_CACHE").unwrap_or_else(|| {
+        set("XDG_CACHE_HOME")
+            .unwrap_or_else(|| set("HOME").unwrap_or_else(|| "/".into()).join(".cache"))
+            .join("portico")
+    });
+    let cached = cache.join("moto-5/bin/moto_server");
+    if cached.exists() {
+        cached
+    } else {
+        "moto_server".into()
+    }
+}
+
+pub struct Moto {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Moto {
+    pub async fn start() -> Moto {
+        // A free port: bind, read it, release; moto binds it right after.
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let child = Command::new(moto_server())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect(
+                "moto_server is installed (e2e/scripts/install-moto.sh; scripts/test.sh runs it)",
+            );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while get(addr, "/moto-api/", None).await.is_none() {
+            assert!(Instant::now() < deadline, "moto did not answer within 60 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Moto { addr, child }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// An ELBv2 client of this server with throwaway credentials (moto checks none).
+    pub fn client(&self) -> Client {
+        let config = aws_sdk_elasticloadbalancingv2::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(self.url())
+            .credentials_provider(Credentials::new("test", "test", None, None, "moto"))
+            .build();
+        Client::from_conf(config)
+    }
+
+    /// The default VPC and its subnets, through EC2's query API (no EC2 SDK in this build).
+    pub async fn default_network(&self) -> (String, Vec<String>) {
+        let body = get(
+            self.addr,
+            "/?Action=DescribeSubnets&Version=2016-11-15",
+            Some("ec2"),
+        )
+        .await
+        .expect("DescribeSubnets answers");
+        let values = |tag: &str| -> Vec<String> {
+            body.split(&format!("<{tag}>"))
+                .skip(1)
+                .filter_map(|rest| rest.split(&format!("</{tag}>")).next())
+                .map(String::from)
+                .collect()
+        };
+        let mut subnets = values("subnetId");
+        subnets.sort();
+        subnets.dedup();
+        let vpc = values("vpcId").into_iter().next().expect("a default VPC");
+        (vpc, subnets)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// `GET path` on moto; `service` signs the request for that service's credential scope, which
+/// is how moto's single server tells services apart. The body of a 200, else `None`.
+async fn get(addr: SocketAddr, path: &str, service: Option<&str>) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let auth = service.map_or(String::new(), |s| {
+        format!(
+            "Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/{s}/aws4_request, \
+             SignedHeaders=host, Signature=0\r\n"
+        )
+    });
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
