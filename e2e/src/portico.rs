@@ -23,6 +23,14 @@ use crate::process::{self, ChildProcess, ProcessSpec, Supervision};
 pub const LOCAL_CLOUD: &str = "local-cloud";
 pub const OPERATOR: &str = "operator";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The AWS SDK's credential chain stops at these, so an operator with an AWS ProviderConfig
+/// (pointed at moto on loopback) never asks the instance metadata service, which is not on
+/// loopback and must never be dialed.
+const OPERATOR_ENV: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
 /// How long the operator's ServiceAccount token is valid (the demo's operator runs detached).
 const TOKEN_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -121,6 +129,7 @@ impl PorticoConfig {
             name: LOCAL_CLOUD.into(),
             program: workspace_binary("portico-local-cloud")?,
             args: args.into_iter().map(OsString::from).collect(),
+            env: Vec::new(),
         })
     }
 
@@ -152,6 +161,10 @@ impl PorticoConfig {
             name: OPERATOR.into(),
             program: workspace_binary("portico")?,
             args: args.into_iter().map(OsString::from).collect(),
+            env: OPERATOR_ENV
+                .iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+                .collect(),
         })
     }
 }

@@ -35,6 +35,8 @@ fn is_scrubbed_env(name: &str) -> bool {
         upper.as_str(),
         "HTTP_PROXY" | "HTTPS_PROXY" | "ALL_PROXY" | "NO_PROXY" | "KUBECONFIG"
     ) || upper.starts_with("ETCD_")
+        // A developer's real AWS credentials and settings never reach what the tests run.
+        || upper.starts_with("AWS_")
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +54,8 @@ pub struct ProcessSpec {
     pub name: String,
     pub program: PathBuf,
     pub args: Vec<OsString>,
+    /// Set on top of the (scrubbed) inherited environment.
+    pub env: Vec<(OsString, OsString)>,
 }
 
 /// A process as `cluster.json` remembers it.
@@ -248,6 +252,7 @@ pub fn spawn(
             command.env_remove(name);
         }
     }
+    command.envs(spec.env.iter().map(|(k, v)| (k, v)));
     // SAFETY: getpid is async-signal-safe and has no preconditions.
     let parent = unsafe { libc::getpid() };
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls.
@@ -461,6 +466,7 @@ mod tests {
             name: "sleeper".into(),
             program: "/bin/sleep".into(),
             args: vec!["600".into()],
+            env: Vec::new(),
         };
         let mut child = spawn(
             &spec,
@@ -486,6 +492,7 @@ mod tests {
             name: "sleeper".into(),
             program: "/bin/sleep".into(),
             args: vec!["600".into()],
+            env: Vec::new(),
         };
         let child = spawn(
             &spec,
@@ -514,6 +521,7 @@ mod tests {
                 name: "orphan".into(),
                 program: "/bin/sleep".into(),
                 args: vec!["600".into()],
+                env: Vec::new(),
             };
             let child = spawn(&spec, &log, Supervision::Owned, None).unwrap();
             child.record().clone()

@@ -330,6 +330,7 @@ impl Testbed {
             name: name.into(),
             program: program.to_path_buf(),
             args,
+            env: Vec::new(),
         };
         let lock_fd = Some(self.slot.raw_fd());
         let child = process::spawn(&spec, &self.layout.log(name), supervision, lock_fd)

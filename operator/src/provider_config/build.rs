@@ -11,7 +11,7 @@ pub fn build_provider(spec: &ProviderConfigSpec) -> Result<Arc<dyn Provider>, St
     match spec.kind() {
         None => Err("exactly one of local, aws and gcp must be set".into()),
         Some(ProviderKind::Local) => local(spec),
-        Some(ProviderKind::Aws) => Err(missing("aws")),
+        Some(ProviderKind::Aws) => aws(spec),
         Some(ProviderKind::Gcp) => Err(missing("gcp")),
     }
 }
@@ -42,6 +42,29 @@ fn local(spec: &ProviderConfigSpec) -> Result<Arc<dyn Provider>, String> {
 #[cfg(not(feature = "local"))]
 fn local(_: &ProviderConfigSpec) -> Result<Arc<dyn Provider>, String> {
     Err(missing("local"))
+}
+
+/// Credentials come from the standard AWS chain, read when the provider is first used.
+#[cfg(feature = "aws")]
+fn aws(spec: &ProviderConfigSpec) -> Result<Arc<dyn Provider>, String> {
+    use portico_crds::provider_config::AwsScheme;
+    let settings = spec.aws.as_ref().expect("kind() checked it");
+    Ok(Arc::new(portico_aws::AwsProvider::from_chain(
+        &settings.region,
+        settings.endpoint_url.as_deref(),
+        portico_aws::AwsSettings {
+            subnets: settings.subnets.clone(),
+            security_groups: settings.security_groups.clone(),
+            internal: settings.scheme == AwsScheme::Internal,
+            vpc_id: settings.vpc_id.clone(),
+            tags: settings.tags.clone(),
+        },
+    )))
+}
+
+#[cfg(not(feature = "aws"))]
+fn aws(_: &ProviderConfigSpec) -> Result<Arc<dyn Provider>, String> {
+    Err(missing("aws"))
 }
 
 #[cfg(test)]
@@ -108,7 +131,7 @@ mod tests {
     }
 
     #[test]
-    fn clouds_not_compiled_in_say_which_feature_they_need() {
+    fn an_aws_configuration_becomes_the_aws_provider_where_compiled_in() {
         let mut s = spec();
         s.aws = Some(AwsSettings {
             region: "eu-west-1".into(),
@@ -119,11 +142,26 @@ mod tests {
             tags: Default::default(),
             endpoint_url: None,
         });
+        match build_provider(&s) {
+            Ok(provider) => assert_eq!(provider.name(), "aws"),
+            Err(e) => assert!(e.contains("cargo feature `aws`"), "{e}"),
+        }
+    }
+
+    #[test]
+    fn clouds_not_compiled_in_say_which_feature_they_need() {
+        let mut s = spec();
+        s.gcp = Some(
+            serde_json::from_value(serde_json::json!({
+                "project": "my-project", "region": "europe-west1"
+            }))
+            .unwrap(),
+        );
         assert!(
             build_provider(&s)
                 .err()
                 .unwrap()
-                .contains("cargo feature `aws`")
+                .contains("cargo feature `gcp`")
         );
     }
 }

@@ -6,6 +6,7 @@
 //! and maps AWS errors onto the reconciler's ([`error`]).
 
 pub mod error;
+pub mod moto;
 pub mod network;
 pub mod provider;
 pub mod tags;

@@ -14,6 +14,7 @@ use portico_provider::{
     Address, Frontend, LoadBalancerName, LoadBalancerSpec, LoadBalancerStatus,
     ObservedLoadBalancer, Ownership, PortStatus, Protocol, Provider, ProviderError,
 };
+use tokio::sync::OnceCell;
 
 use crate::error::from_sdk;
 use crate::network::{self, ListenerPlan, NetworkPlan, TargetGroupPlan};
@@ -33,24 +34,45 @@ pub struct AwsSettings {
 }
 
 pub struct AwsProvider {
-    client: Client,
+    client: OnceCell<Client>,
+    /// Region and endpoint for a client made on first use.
+    chain: Option<(String, Option<String>)>,
     settings: AwsSettings,
 }
 
 impl AwsProvider {
     pub fn new(client: Client, settings: AwsSettings) -> Self {
-        AwsProvider { client, settings }
+        AwsProvider {
+            client: OnceCell::new_with(Some(client)),
+            chain: None,
+            settings,
+        }
     }
 
-    /// A client from the standard AWS chain (environment, profile, IRSA, instance role) for
-    /// `region`, optionally at another endpoint (an emulator, a VPC endpoint).
-    pub async fn client(region: &str, endpoint_url: Option<&str>) -> Client {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(region.to_string()));
-        if let Some(url) = endpoint_url {
-            loader = loader.endpoint_url(url);
+    /// A provider whose client comes from the standard AWS chain (environment, profile, IRSA,
+    /// instance role) for `region`, optionally at another endpoint (an emulator, a VPC
+    /// endpoint). The chain is read on first use, so a configuration can be built without
+    /// waiting on it.
+    pub fn from_chain(region: &str, endpoint_url: Option<&str>, settings: AwsSettings) -> Self {
+        AwsProvider {
+            client: OnceCell::new(),
+            chain: Some((region.to_string(), endpoint_url.map(String::from))),
+            settings,
         }
-        Client::new(&loader.load().await)
+    }
+
+    async fn elb(&self) -> &Client {
+        self.client
+            .get_or_init(|| async {
+                let (region, endpoint) = self.chain.clone().unwrap_or_default();
+                let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                    .region(aws_config::Region::new(region));
+                if let Some(url) = endpoint {
+                    loader = loader.endpoint_url(url);
+                }
+                Client::new(&loader.load().await)
+            })
+            .await
     }
 
     fn all_tags(&self, owner: &Ownership, lb: &LoadBalancerName) -> Vec<Tag> {
@@ -68,7 +90,8 @@ impl AwsProvider {
         name: &LoadBalancerName,
     ) -> Result<Option<LoadBalancer>, ProviderError> {
         match self
-            .client
+            .elb()
+            .await
             .describe_load_balancers()
             .names(name.as_str())
             .send()
@@ -90,7 +113,8 @@ impl AwsProvider {
         // DescribeTags takes at most 20 resources a call.
         for chunk in arns.chunks(20) {
             let out = self
-                .client
+                .elb()
+                .await
                 .describe_tags()
                 .set_resource_arns(Some(chunk.to_vec()))
                 .send()
@@ -114,7 +138,8 @@ impl AwsProvider {
 
     async fn find_target_group(&self, name: &str) -> Result<Option<TargetGroup>, ProviderError> {
         match self
-            .client
+            .elb()
+            .await
             .describe_target_groups()
             .names(name)
             .send()
@@ -133,7 +158,8 @@ impl AwsProvider {
 
     async fn listeners_of(&self, lb_arn: &str) -> Result<Vec<AwsListener>, ProviderError> {
         let out = self
-            .client
+            .elb()
+            .await
             .describe_listeners()
             .load_balancer_arn(lb_arn)
             .send()
@@ -157,7 +183,8 @@ impl AwsProvider {
             LoadBalancerSchemeEnum::InternetFacing
         };
         let mut request = self
-            .client
+            .elb()
+            .await
             .create_load_balancer()
             .name(spec.name.as_str())
             .r#type(LoadBalancerTypeEnum::Network)
@@ -191,7 +218,8 @@ impl AwsProvider {
                 self.check_target_group_owner(spec, &arn).await?;
                 if needs_health_check_update(&existing, plan) {
                     let hc = &plan.health_check;
-                    self.client
+                    self.elb()
+                        .await
                         .modify_target_group()
                         .target_group_arn(&arn)
                         .health_check_protocol(ProtocolEnum::from(hc.protocol))
@@ -213,7 +241,8 @@ impl AwsProvider {
                 })?;
                 let hc = &plan.health_check;
                 let out = self
-                    .client
+                    .elb()
+                    .await
                     .create_target_group()
                     .name(&plan.name)
                     .protocol(ProtocolEnum::from(plan.protocol))
@@ -268,7 +297,8 @@ impl AwsProvider {
         plan: &TargetGroupPlan,
     ) -> Result<(), ProviderError> {
         let current = self
-            .client
+            .elb()
+            .await
             .describe_target_group_attributes()
             .target_group_arn(arn)
             .send()
@@ -288,7 +318,8 @@ impl AwsProvider {
         if changed.is_empty() {
             return Ok(());
         }
-        self.client
+        self.elb()
+            .await
             .modify_target_group_attributes()
             .target_group_arn(arn)
             .set_attributes(Some(changed))
@@ -300,7 +331,8 @@ impl AwsProvider {
 
     async fn ensure_targets(&self, arn: &str, plan: &TargetGroupPlan) -> Result<(), ProviderError> {
         let health = self
-            .client
+            .elb()
+            .await
             .describe_target_health()
             .target_group_arn(arn)
             .send()
@@ -327,7 +359,8 @@ impl AwsProvider {
         let missing = describe(plan.targets.difference(&current).collect());
         let extra = describe(current.difference(&plan.targets).collect());
         if !missing.is_empty() {
-            self.client
+            self.elb()
+                .await
                 .register_targets()
                 .target_group_arn(arn)
                 .set_targets(Some(missing))
@@ -336,7 +369,8 @@ impl AwsProvider {
                 .map_err(|e| from_sdk("registering targets", e))?;
         }
         if !extra.is_empty() {
-            self.client
+            self.elb()
+                .await
                 .deregister_targets()
                 .target_group_arn(arn)
                 .set_targets(Some(extra))
@@ -371,7 +405,8 @@ impl AwsProvider {
                 Some(w) if listener.protocol().map(|p| p.as_str()) == Some(w.protocol) => {
                     let tg = &groups[&w.port];
                     if current_tg.as_deref() != Some(tg.as_str()) {
-                        self.client
+                        self.elb()
+                            .await
                             .modify_listener()
                             .listener_arn(listener.listener_arn().unwrap_or_default())
                             .default_actions(forward(tg))
@@ -382,7 +417,8 @@ impl AwsProvider {
                     }
                 }
                 _ => {
-                    self.client
+                    self.elb()
+                        .await
                         .delete_listener()
                         .listener_arn(listener.listener_arn().unwrap_or_default())
                         .send()
@@ -398,7 +434,8 @@ impl AwsProvider {
                     && l.protocol().map(|p| p.as_str()) == Some(wanted.protocol)
             });
             if !served {
-                self.client
+                self.elb()
+                    .await
                     .create_listener()
                     .load_balancer_arn(lb_arn)
                     .port(i32::from(wanted.port))
@@ -418,7 +455,8 @@ impl AwsProvider {
 
     async fn delete_target_group(&self, arn: &str) -> Result<(), ProviderError> {
         match self
-            .client
+            .elb()
+            .await
             .delete_target_group()
             .target_group_arn(arn)
             .send()
@@ -442,7 +480,8 @@ impl AwsProvider {
         let mut marker = None;
         loop {
             let out = self
-                .client
+                .elb()
+                .await
                 .describe_target_groups()
                 .set_marker(marker)
                 .send()
@@ -626,14 +665,16 @@ impl Provider for AwsProvider {
             }
             let arn = lb.load_balancer_arn().unwrap_or_default().to_string();
             for listener in self.listeners_of(&arn).await? {
-                self.client
+                self.elb()
+                    .await
                     .delete_listener()
                     .listener_arn(listener.listener_arn().unwrap_or_default())
                     .send()
                     .await
                     .map_err(|e| from_sdk("deleting a listener", e))?;
             }
-            self.client
+            self.elb()
+                .await
                 .delete_load_balancer()
                 .load_balancer_arn(&arn)
                 .send()
@@ -657,7 +698,8 @@ impl Provider for AwsProvider {
         let mut marker = None;
         loop {
             let out = self
-                .client
+                .elb()
+                .await
                 .describe_load_balancers()
                 .set_marker(marker)
                 .send()

@@ -2,13 +2,11 @@
 //! updates change what differs, deletion and garbage collection leave nothing behind, and
 //! nothing that belongs to another owner is ever adopted or deleted.
 
-mod moto;
-
 use std::collections::BTreeSet;
 
 use aws_sdk_elasticloadbalancingv2::Client;
 use aws_sdk_elasticloadbalancingv2::types::{ProtocolEnum, Tag, TargetTypeEnum};
-use moto::Moto;
+use portico_aws::moto::Moto;
 use portico_aws::network::target_group_name;
 use portico_aws::{AwsProvider, AwsSettings};
 use portico_provider::*;

@@ -1,7 +1,6 @@
-//! moto, the AWS API emulator, as a real server on loopback for one test: started on a free
-//! port, its default VPC and subnets looked up, stopped with the test. Each test has its own
-//! server, so state never leaks between tests.
-#![allow(dead_code)]
+//! moto, the AWS API emulator, as a real server on loopback for tests: started on a free
+//! port, its default VPC and subnets looked up, stopped when dropped. Each test starts its
+//! own, so state never leaks between tests.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::Stdio;
@@ -14,7 +13,8 @@ use tokio::process::{Child, Command};
 
 /// `$PORTICO_MOTO_SERVER`, else the one `e2e/scripts/install-moto.sh` puts in the cache, else
 /// `moto_server` on `PATH`.
-fn moto_server() -> std::path::PathBuf {
+/// The `moto_server` program.
+pub fn moto_server() -> std::path::PathBuf {
     if let Some(path) = std::env::var_os("PORTICO_MOTO_SERVER").filter(|v| !v.is_empty()) {
         return path.into();
     }
