@@ -282,12 +282,7 @@ impl AwsProvider {
         let tags = self.tags_of(&[arn.to_string()]).await?;
         match tags.get(arn).and_then(|t| tags::owner_from(t)) {
             Some(owner) if owner.same_owner(&spec.owner) => Ok(()),
-            other => Err(ProviderError::NotOwned {
-                name: arn.to_string(),
-                owner: other.map_or("someone else (no Portico tags)".into(), |o| {
-                    tags::describe(&o)
-                }),
-            }),
+            other => Err(tags::not_owned(arn, other)),
         }
     }
 
@@ -601,14 +596,7 @@ impl Provider for AwsProvider {
             Some(lb) => {
                 match self.owner_of(&lb).await? {
                     Some(owner) if owner.same_owner(&spec.owner) => {}
-                    other => {
-                        return Err(ProviderError::NotOwned {
-                            name: spec.name.to_string(),
-                            owner: other.map_or("someone else (no Portico tags)".into(), |o| {
-                                tags::describe(&o)
-                            }),
-                        });
-                    }
+                    other => return Err(tags::not_owned(spec.name.as_str(), other)),
                 }
                 lb
             }
@@ -654,14 +642,7 @@ impl Provider for AwsProvider {
         if let Some(lb) = self.find_load_balancer(name).await? {
             match self.owner_of(&lb).await? {
                 Some(found) if found.same_owner(owner) => {}
-                other => {
-                    return Err(ProviderError::NotOwned {
-                        name: name.to_string(),
-                        owner: other.map_or("someone else (no Portico tags)".into(), |o| {
-                            tags::describe(&o)
-                        }),
-                    });
-                }
+                other => return Err(tags::not_owned(name.as_str(), other)),
             }
             let arn = lb.load_balancer_arn().unwrap_or_default().to_string();
             for listener in self.listeners_of(&arn).await? {

@@ -2,7 +2,7 @@
 //! A resource without them, or with another owner's, is never changed or deleted.
 
 use aws_sdk_elasticloadbalancingv2::types::Tag;
-use portico_provider::{LoadBalancerName, Ownership};
+use portico_provider::{LoadBalancerName, Ownership, ProviderError};
 
 pub const CLUSTER: &str = "portico.dev/cluster-id";
 pub const OBJECT_UID: &str = "portico.dev/object-uid";
@@ -38,4 +38,12 @@ pub fn describe(owner: &Ownership) -> String {
         "cluster {} object {} ({})",
         owner.cluster_id, owner.object_uid, owner.object_ref
     )
+}
+
+/// The refusal for resource `name`, whose tags name `found` (or no Portico owner at all).
+pub fn not_owned(name: &str, found: Option<Ownership>) -> ProviderError {
+    ProviderError::NotOwned {
+        name: name.to_string(),
+        owner: found.map_or("someone else (no Portico tags)".into(), |o| describe(&o)),
+    }
 }
