@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use aws_sdk_elasticloadbalancingv2::error::{ProvideErrorMetadata, SdkError};
 use portico_provider::ProviderError;
+use portico_provider::error::error_chain;
 
 /// How long to wait when AWS throttles us or a resource is still changing.
 pub const RETRY_AFTER: Duration = Duration::from_secs(10);
@@ -67,17 +68,6 @@ pub fn from_code(code: &str, message: String) -> ProviderError {
         | "CertificateNotFound" => ProviderError::Invalid(message),
         _ => ProviderError::Unavailable(message),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

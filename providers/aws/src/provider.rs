@@ -20,6 +20,22 @@ use crate::error::from_sdk;
 use crate::network::{self, ListenerPlan, NetworkPlan, TargetGroupPlan};
 use crate::tags;
 
+/// The plan's health check on a CreateTargetGroup or ModifyTargetGroup request (two builder
+/// types with the same setters).
+macro_rules! with_health_check {
+    ($request:expr, $hc:expr) => {{
+        let hc: &crate::network::HealthCheckPlan = $hc;
+        $request
+            .health_check_protocol(ProtocolEnum::from(hc.protocol))
+            .health_check_port(&hc.port)
+            .set_health_check_path(hc.path.clone())
+            .health_check_interval_seconds(hc.interval_seconds)
+            .health_check_timeout_seconds(hc.timeout_seconds)
+            .healthy_threshold_count(hc.healthy_threshold)
+            .unhealthy_threshold_count(hc.unhealthy_threshold)
+    }};
+}
+
 /// Where load balancers go, from the ProviderConfig's `aws` section.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AwsSettings {
@@ -217,18 +233,12 @@ impl AwsProvider {
                 let arn = existing.target_group_arn().unwrap_or_default().to_string();
                 self.check_target_group_owner(spec, &arn).await?;
                 if needs_health_check_update(&existing, plan) {
-                    let hc = &plan.health_check;
-                    self.elb()
+                    let request = self
+                        .elb()
                         .await
                         .modify_target_group()
-                        .target_group_arn(&arn)
-                        .health_check_protocol(ProtocolEnum::from(hc.protocol))
-                        .health_check_port(&hc.port)
-                        .set_health_check_path(hc.path.clone())
-                        .health_check_interval_seconds(hc.interval_seconds)
-                        .health_check_timeout_seconds(hc.timeout_seconds)
-                        .healthy_threshold_count(hc.healthy_threshold)
-                        .unhealthy_threshold_count(hc.unhealthy_threshold)
+                        .target_group_arn(&arn);
+                    with_health_check!(request, &plan.health_check)
                         .send()
                         .await
                         .map_err(|e| from_sdk("updating a health check", e))?;
@@ -239,8 +249,7 @@ impl AwsProvider {
                 let vpc = self.settings.vpc_id.clone().ok_or_else(|| {
                     ProviderError::Invalid("the aws provider needs vpcId for target groups".into())
                 })?;
-                let hc = &plan.health_check;
-                let out = self
+                let request = self
                     .elb()
                     .await
                     .create_target_group()
@@ -249,14 +258,8 @@ impl AwsProvider {
                     .port(i32::from(plan.targets.iter().next().map_or(1, |t| t.1)))
                     .vpc_id(vpc)
                     .target_type(TargetTypeEnum::from(plan.target_type.as_str()))
-                    .health_check_protocol(ProtocolEnum::from(hc.protocol))
-                    .health_check_port(&hc.port)
-                    .set_health_check_path(hc.path.clone())
-                    .health_check_interval_seconds(hc.interval_seconds)
-                    .health_check_timeout_seconds(hc.timeout_seconds)
-                    .healthy_threshold_count(hc.healthy_threshold)
-                    .unhealthy_threshold_count(hc.unhealthy_threshold)
-                    .set_tags(Some(self.all_tags(&spec.owner, &spec.name)))
+                    .set_tags(Some(self.all_tags(&spec.owner, &spec.name)));
+                let out = with_health_check!(request, &plan.health_check)
                     .send()
                     .await
                     .map_err(|e| from_sdk("creating a target group", e))?;

@@ -23,6 +23,19 @@ pub enum ProviderError {
     Unavailable(String),
 }
 
+/// An error with its sources, `outer: inner: innermost`: SDK and HTTP client errors keep the
+/// useful part (connection refused, DNS, TLS) in their sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 impl ProviderError {
     /// The delay the provider asked for, if any; the reconciler uses it instead of its backoff.
     pub fn retry_after(&self) -> Option<Duration> {

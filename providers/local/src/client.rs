@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use portico_provider::error::error_chain;
 use portico_provider::{
     LoadBalancerName, LoadBalancerSpec, LoadBalancerStatus, ObservedLoadBalancer, Ownership,
     Provider, ProviderError,
@@ -157,18 +158,6 @@ fn error(answer: &Answer, name: Option<&LoadBalancerName>) -> ProviderError {
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
-}
-
-/// hyper-util's errors say "client error (Connect)" and keep the useful part in `source`.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[async_trait]
