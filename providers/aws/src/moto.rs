@@ -82,6 +82,21 @@ impl Moto {
         Client::from_conf(config)
     }
 
+    /// Starts `n` EC2 instances (as nodes would be) and returns their ids.
+    pub async fn run_instances(&self, n: u8) -> Vec<String> {
+        let body = get(
+            self.addr,
+            &format!(
+                "/?Action=RunInstances&Version=2016-11-15&ImageId=ami-12c6146b\
+                 &InstanceType=t3.micro&MinCount={n}&MaxCount={n}"
+            ),
+            Some("ec2"),
+        )
+        .await
+        .expect("RunInstances answers");
+        values(&body, "instanceId")
+    }
+
     /// The default VPC and its subnets, through EC2's query API (no EC2 SDK in this build).
     pub async fn default_network(&self) -> (String, Vec<String>) {
         let body = get(
@@ -91,17 +106,13 @@ impl Moto {
         )
         .await
         .expect("DescribeSubnets answers");
-        let values = |tag: &str| -> Vec<String> {
-            body.split(&format!("<{tag}>"))
-                .skip(1)
-                .filter_map(|rest| rest.split(&format!("</{tag}>")).next())
-                .map(String::from)
-                .collect()
-        };
-        let mut subnets = values("subnetId");
+        let mut subnets = values(&body, "subnetId");
         subnets.sort();
         subnets.dedup();
-        let vpc = values("vpcId").into_iter().next().expect("a default VPC");
+        let vpc = values(&body, "vpcId")
+            .into_iter()
+            .next()
+            .expect("a default VPC");
         (vpc, subnets)
     }
 }
@@ -110,6 +121,15 @@ impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
     }
+}
+
+/// The text of every `<tag>…</tag>` in an XML answer, in order.
+fn values(body: &str, tag: &str) -> Vec<String> {
+    body.split(&format!("<{tag}>"))
+        .skip(1)
+        .filter_map(|rest| rest.split(&format!("</{tag}>")).next())
+        .map(String::from)
+        .collect()
 }
 
 /// `GET path` on moto; `service` signs the request for that service's credential scope, which

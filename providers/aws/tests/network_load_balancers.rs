@@ -400,3 +400,37 @@ async fn a_reconcile_interrupted_after_creating_a_target_group_converges_without
     let lbs = client.describe_load_balancers().send().await.unwrap();
     assert_eq!(lbs.load_balancers().len(), 1, "one load balancer");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_with_instance_ids_are_registered_as_instances_on_their_node_port() {
+    let moto = Moto::start().await;
+    let aws = provider(&moto).await;
+    let instances = moto.run_instances(2).await;
+    assert_eq!(instances.len(), 2);
+    let mut web = spec(
+        "8d3a-web",
+        owner("c1", "8d3a-web"),
+        vec![listener(Protocol::Tcp, 80, 30080, &[1, 2])],
+    );
+    if let Frontend::Network(n) = &mut web.frontend {
+        for (target, id) in n.listeners[0].pool.targets.iter_mut().zip(&instances) {
+            target.provider_id = Some(format!("aws:///us-east-1a/{id}"));
+        }
+    }
+    aws.ensure(&web).await.unwrap();
+
+    let client = moto.client();
+    let tg = client
+        .describe_target_groups()
+        .names(target_group_name(&web.name, "TCP", 80))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        tg.target_groups()[0].target_type(),
+        Some(&TargetTypeEnum::Instance)
+    );
+    let registered = listeners_of(&client, &web.name).await;
+    let expected: BTreeSet<(String, i32)> = instances.iter().map(|i| (i.clone(), 30080)).collect();
+    assert_eq!(registered, vec![(80, "TCP".into(), expected)]);
+}
