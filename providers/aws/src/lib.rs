@@ -1,10 +1,12 @@
 //! `portico-aws`: Portico's AWS provider on Elastic Load Balancing v2. Services get network
 //! load balancers (a listener and a target group per port, the nodes as targets on their node
-//! port); Ingresses (application load balancers) are still to come.
+//! port). Ingresses get application load balancers next: their listener rules are already
+//! planned ([`application`]), the calls that apply them are still to come.
 //!
-//! Translation is pure ([`network`]); [`provider`] reads what exists, changes what differs,
-//! and maps AWS errors onto the reconciler's ([`error`]).
+//! Translation is pure ([`network`], [`application`]); [`provider`] reads what exists, changes
+//! what differs, and maps AWS errors onto the reconciler's ([`error`]).
 
+pub mod application;
 pub mod error;
 pub mod moto;
 pub mod network;
