@@ -42,7 +42,15 @@ pub struct FrontendPolicySpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TlsPolicy {
-    pub min_version: TlsVersion,
+    /// The lowest TLS version clients may negotiate (default 1.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_version: Option<TlsVersion>,
+    /// Certificates the cloud already holds, by id (ACM ARNs on AWS), served with the
+    /// Ingress's TLS Secrets; clouds that hold no certificates (the local cloud) serve the
+    /// Secrets only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(length(min = 1, max = 2048)))]
+    pub certificates: Option<Vec<String>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -13,6 +13,29 @@ pub fn definitions() -> Vec<(&'static str, CustomResourceDefinition)> {
         ("portico.dev_backendpolicies.yaml", BackendPolicy::crd()),
         ("portico.dev_frontendpolicies.yaml", FrontendPolicy::crd()),
     ]
+    .into_iter()
+    .map(|(file, crd)| (file, without_null_enum_values(crd)))
+    .collect()
+}
+
+/// schemars lists `null` among an optional enum's values; Kubernetes 1.20 refuses that as a
+/// default it cannot apply, and `nullable: true` already says it.
+fn without_null_enum_values(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::Array(values)) = map.get_mut("enum") {
+                    values.retain(|x| !x.is_null());
+                }
+                map.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(crd).expect("a CRD always serializes");
+    walk(&mut value);
+    serde_json::from_value(value).expect("still a CRD")
 }
 
 /// The file's text: a header saying where it comes from, then the YAML.

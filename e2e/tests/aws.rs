@@ -1,8 +1,10 @@
 //! The operator with the AWS provider, installed with the chart (a ProviderConfig for aws
 //! pointed at moto on loopback): a Service of type LoadBalancer gets the DNS name moto reports
-//! for its network load balancer, and deleting the Service deletes the load balancer.
+//! for its network load balancer, an Ingress the one of its application load balancer (HTTPS
+//! with an ACM certificate named by annotation), and deleting either deletes its load balancer.
 
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::Ingress;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 use portico_aws::moto::Moto;
@@ -12,7 +14,8 @@ use portico_provider::LoadBalancerName;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_service_on_the_aws_provider_carries_the_hostname_moto_reports_until_it_is_deleted() {
+async fn services_and_ingresses_on_the_aws_provider_carry_the_hostnames_moto_reports_until_deleted()
+{
     let moto = Moto::start().await;
     let (vpc, subnets) = moto.default_network().await;
     let endpoint = moto.url();
@@ -70,6 +73,80 @@ async fn a_service_on_the_aws_provider_carries_the_hostname_moto_reports_until_i
             .map(|l| l.port())
             .collect::<Vec<_>>(),
         [Some(80)]
+    );
+
+    // An Ingress to the same Service: an ALB with HTTP and HTTPS listeners.
+    let certificate = moto.request_certificate("shop.example.com").await;
+    let shop: Ingress = serde_json::from_value(json!({
+        "metadata": {"name": "shop", "annotations": {"lb.portico.dev/certificates": certificate}},
+        "spec": {
+            "ingressClassName": "portico",
+            "rules": [{"host": "shop.example.com", "http": {"paths": [{
+                "path": "/", "pathType": "Prefix",
+                "backend": {"service": {"name": "web", "port": {"number": 80}}},
+            }]}}],
+            "tls": [{"hosts": ["shop.example.com"]}],
+        },
+    }))
+    .unwrap();
+    let shop = create(&client, &shop).await;
+    let alb_name = LoadBalancerName::for_object_uid(&shop.uid().unwrap());
+    let ingresses: Api<Ingress> = Api::namespaced(client.clone(), NS);
+    let alb_hostname = eventually("the Ingress carries a hostname", || async {
+        let ing = ingresses.get("shop").await.ok()?;
+        ing.status?
+            .load_balancer?
+            .ingress?
+            .first()?
+            .hostname
+            .clone()
+    })
+    .await;
+    let described = elb
+        .describe_load_balancers()
+        .names(alb_name.as_str())
+        .send()
+        .await
+        .expect("moto holds the Ingress's load balancer");
+    let alb = &described.load_balancers()[0];
+    assert_eq!(Some(alb_hostname.as_str()), alb.dns_name());
+    assert_eq!(alb.r#type().map(|t| t.as_str()), Some("application"));
+    let listeners = elb
+        .describe_listeners()
+        .load_balancer_arn(alb.load_balancer_arn().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let mut served: Vec<(Option<i32>, Option<&str>)> = listeners
+        .listeners()
+        .iter()
+        .map(|l| (l.port(), l.protocol().map(|p| p.as_str())))
+        .collect();
+    served.sort();
+    assert_eq!(
+        served,
+        [(Some(80), Some("HTTP")), (Some(443), Some("HTTPS"))]
+    );
+    ingresses
+        .delete("shop", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the Ingress is gone once its load balancer is", || async {
+        ingresses
+            .get_opt("shop")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        elb.describe_load_balancers()
+            .names(alb_name.as_str())
+            .send()
+            .await
+            .is_err(),
+        "moto no longer has the ALB"
     );
 
     services

@@ -25,6 +25,9 @@ pub const AFFINITY_COOKIE_TTL: &str = "lb.portico.dev/affinity-cookie-ttl-second
 /// `"true"` answers plain HTTP with a redirect to HTTPS.
 pub const SSL_REDIRECT: &str = "lb.portico.dev/ssl-redirect";
 pub const BACKEND_TIMEOUT: &str = "lb.portico.dev/backend-timeout-seconds";
+/// Comma-separated ids of certificates the cloud holds (ACM ARNs on AWS), served with the TLS
+/// Secrets (or instead of them, on a cloud that takes no PEM).
+pub const CERTIFICATES: &str = "lb.portico.dev/certificates";
 
 pub const DEFAULT_COOKIE: &str = "PORTICO_AFFINITY";
 pub const DEFAULT_COOKIE_TTL: Duration = Duration::from_secs(3600);
@@ -266,6 +269,29 @@ pub fn desired_load_balancer(
             Err(problem) => problems.push(problem),
         }
     }
+    // Held by the cloud: the policy's, then the annotation's, each once.
+    let held = frontend_policy
+        .and_then(|p| p.tls.as_ref())
+        .and_then(|t| t.certificates.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(
+            reader
+                .raw(CERTIFICATES)
+                .unwrap_or_default()
+                .split(',')
+                .map(|id| id.trim().to_string()),
+        )
+        .filter(|id| !id.is_empty());
+    for id in held {
+        if !certificates.iter().any(|c| c.name == id) {
+            certificates.push(Certificate {
+                name: id.clone(),
+                hosts: Vec::new(),
+                source: CertificateSource::Reference { id },
+            });
+        }
+    }
     if redirect_to_https && certificates.is_empty() {
         problems.push(
             "an HTTPS redirect is asked for, but there is no TLS certificate to redirect to"
@@ -479,6 +505,49 @@ mod tests {
         assert_eq!(https.port, 443);
         assert_eq!(https.certificates[0].name, "ns/web-tls");
         assert_eq!(https.certificates[0].hosts, ["web.example"]);
+    }
+
+    #[test]
+    fn certificates_the_cloud_holds_come_from_the_annotation_and_the_policy_each_once() {
+        let arn = |n: &str| format!("arn:aws:acm:eu-west-1:123456789012:certificate/{n}");
+        let mut ing = ingress(json!({
+            "rules": [{"host": "web.example", "http": {"paths": [
+                {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"number": 80}}}},
+            ]}}],
+            // Hosts only: SNI routing, with the certificate held by the cloud.
+            "tls": [{"hosts": ["web.example"]}],
+        }));
+        ing.metadata.annotations = Some(
+            [(
+                CERTIFICATES.to_string(),
+                format!("{}, {}", arn("a"), arn("b")),
+            )]
+            .into(),
+        );
+        let policy: portico_crds::FrontendPolicySpec = serde_json::from_value(json!({
+            "targetRef": {"kind": "Ingress", "name": "shop"},
+            "tls": {"certificates": [arn("b"), arn("c")]},
+        }))
+        .unwrap();
+        let attached = Attached {
+            frontend: Some(policy),
+            ..Attached::default()
+        };
+        let lb = desired_load_balancer("c", &ing, &referenced(), &nodes(), &attached).unwrap();
+        let https = app(&lb)
+            .https
+            .as_ref()
+            .expect("https from held certificates alone");
+        let ids: Vec<&str> = https
+            .certificates
+            .iter()
+            .map(|c| match &c.source {
+                CertificateSource::Reference { id } => id.as_str(),
+                CertificateSource::Pem { .. } => panic!("no Secret was named"),
+            })
+            .collect();
+        assert_eq!(ids, [arn("b"), arn("c"), arn("a")]);
+        assert_eq!(https.min_tls_version, portico_provider::TlsVersion::Tls12);
     }
 
     #[test]

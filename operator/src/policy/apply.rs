@@ -118,7 +118,7 @@ pub fn source_ranges(policy: &FrontendPolicySpec) -> Result<Option<Vec<IpNet>>, 
 }
 
 pub fn min_tls_version(policy: &FrontendPolicySpec) -> Option<TlsVersion> {
-    policy.tls.as_ref().map(|t| match t.min_version {
+    policy.tls.as_ref()?.min_version.map(|v| match v {
         PolicyTlsVersion::Tls12 => TlsVersion::Tls12,
         PolicyTlsVersion::Tls13 => TlsVersion::Tls13,
     })

@@ -1,5 +1,6 @@
-//! Ingress routing as ALB listener rules, computed by pure code: rules in priority order that
-//! reproduce Ingress v1 precedence, and the listener's default action.
+//! An Ingress's L7 load balancer as ELBv2 wants it, computed by pure code: an HTTP target
+//! group per backend (the nodes on the backend's node port), an HTTP listener and, with TLS, an
+//! HTTPS one, and listener rules in priority order that reproduce Ingress v1 precedence.
 //!
 //! - A rule's host is a `host-header` condition; its paths are `path-pattern` values:
 //!   `Exact /x` is `/x`, `Prefix /x` is `/x` and `/x/*` (element-wise), `Prefix /` is `/*`.
@@ -12,8 +13,196 @@
 //!
 //! Not expressible on ALB, and refused: a path containing `*` or `?` (ALB's wildcards).
 //! ALB's `*` in a host also matches several labels, where Ingress's matches exactly one.
+//!
+//! ALB holds certificates in ACM, so the HTTPS listener serves the certificates the frontend
+//! names by reference (ARNs); PEM certificates from Secrets are for clouds that take them.
+//! ALB has no client-IP affinity (only its own cookie, `AWSALB`, whatever name is asked for),
+//! and no per-request or connect timeout: the frontend's idle timeout is what it takes.
+
+use std::collections::BTreeMap;
 
 use portico_provider::routing::{HostMatch, PathMatch, RouteTable};
+use portico_provider::{
+    ApplicationFrontend, Backend, CertificateSource, LoadBalancerName, Probe, SessionAffinity,
+    TlsVersion,
+};
+
+use crate::network::{self, TargetGroupPlan};
+
+/// ALB's limits on an ALB's idle timeout and an `lb_cookie`'s lifetime.
+const IDLE_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=4000;
+const COOKIE_SECONDS: std::ops::RangeInclusive<u64> = 1..=604_800;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplicationPlan {
+    /// By backend name.
+    pub target_groups: BTreeMap<String, TargetGroupPlan>,
+    pub http_port: u16,
+    /// Plain HTTP answers with a permanent redirect to this HTTPS port instead of routing.
+    pub redirect_to: Option<u16>,
+    pub https: Option<HttpsPlan>,
+    /// On every listener that routes.
+    pub rules: Vec<RulePlan>,
+    pub default: RuleAction,
+    /// Load balancer attributes.
+    pub attributes: BTreeMap<&'static str, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpsPlan {
+    pub port: u16,
+    /// ACM ARNs; the first is the listener's default, the others are chosen by SNI.
+    pub certificates: Vec<String>,
+    pub ssl_policy: &'static str,
+}
+
+/// The target group name for `backend` of load balancer `lb`: `<first 24 of lb>-<7 hex>`,
+/// 32 characters, a hash of the backend's name so that it stays put while other backends come
+/// and go.
+pub fn target_group_name(lb: &LoadBalancerName, backend: &str) -> String {
+    // FNV-1a: stable across Rust releases, unlike the std hasher.
+    let hash = backend.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let prefix: String = lb.as_str().chars().take(24).collect();
+    format!("{prefix}-{:07x}", hash & 0x0fff_ffff)
+}
+
+pub fn plan(
+    lb: &LoadBalancerName,
+    frontend: &ApplicationFrontend,
+) -> Result<ApplicationPlan, String> {
+    let mut problems = Vec::new();
+    let mut target_groups = BTreeMap::new();
+    for backend in &frontend.backends {
+        match target_group(lb, backend) {
+            Ok(tg) => {
+                target_groups.insert(backend.name.clone(), tg);
+            }
+            Err(p) => problems.push(p),
+        }
+    }
+    let https = match &frontend.https {
+        None => None,
+        Some(https) => {
+            let mut references: Vec<(&[String], &str)> = https
+                .certificates
+                .iter()
+                .filter_map(|c| match &c.source {
+                    CertificateSource::Reference { id } => Some((c.hosts.as_slice(), id.as_str())),
+                    CertificateSource::Pem { .. } => None,
+                })
+                .collect();
+            // The default is the first certificate for no host in particular, else the first.
+            if let Some(i) = references.iter().position(|(hosts, _)| hosts.is_empty()) {
+                let default = references.remove(i);
+                references.insert(0, default);
+            }
+            let mut certificates: Vec<String> = Vec::new();
+            for (_, id) in references {
+                if !certificates.iter().any(|c| c == id) {
+                    certificates.push(id.to_string());
+                }
+            }
+            if certificates.is_empty() {
+                problems.push(
+                    "an ALB serves certificates from ACM: name them by ARN (annotation \
+                     lb.portico.dev/certificates or the FrontendPolicy's tls.certificates); \
+                     certificates from Secrets are not uploaded"
+                        .into(),
+                );
+            }
+            Some(HttpsPlan {
+                port: https.port,
+                certificates,
+                ssl_policy: match https.min_tls_version {
+                    TlsVersion::Tls12 => "ELBSecurityPolicy-TLS13-1-2-2021-06",
+                    TlsVersion::Tls13 => "ELBSecurityPolicy-TLS13-1-3-2021-06",
+                },
+            })
+        }
+    };
+    let (rules, default) = match rules(&frontend.routes) {
+        Ok(r) => r,
+        Err(p) => {
+            problems.push(p);
+            (Vec::new(), RuleAction::NotFound)
+        }
+    };
+    for action in rules.iter().map(|r| &r.action).chain([&default]) {
+        if let RuleAction::Forward(b) = action
+            && !frontend.backends.iter().any(|x| &x.name == b)
+        {
+            problems.push(format!("a route names backend {b:?}, which is not defined"));
+        }
+    }
+    if !problems.is_empty() {
+        problems.dedup();
+        return Err(problems.join("; "));
+    }
+    let idle = frontend
+        .timeouts
+        .idle
+        .as_secs()
+        .clamp(*IDLE_TIMEOUT_SECONDS.start(), *IDLE_TIMEOUT_SECONDS.end());
+    Ok(ApplicationPlan {
+        target_groups,
+        http_port: frontend.http_port,
+        redirect_to: frontend
+            .redirect_to_https
+            .then(|| https.as_ref().map(|h| h.port))
+            .flatten(),
+        https,
+        rules,
+        default,
+        attributes: [("idle_timeout.timeout_seconds", idle.to_string())].into(),
+    })
+}
+
+fn target_group(lb: &LoadBalancerName, backend: &Backend) -> Result<TargetGroupPlan, String> {
+    let pool = &backend.pool;
+    if matches!(pool.health_check.probe, Probe::Tcp { .. }) {
+        return Err(format!(
+            "backend {:?}: ALB health checks are HTTP; a TCP health check cannot be kept",
+            backend.name
+        ));
+    }
+    let mut attributes = BTreeMap::new();
+    attributes.insert(
+        "deregistration_delay.timeout_seconds",
+        network::drain_seconds(pool),
+    );
+    match &pool.affinity {
+        SessionAffinity::None => {
+            attributes.insert("stickiness.enabled", "false".into());
+        }
+        SessionAffinity::Cookie { ttl, .. } => {
+            attributes.insert("stickiness.enabled", "true".into());
+            attributes.insert("stickiness.type", "lb_cookie".into());
+            attributes.insert(
+                "stickiness.lb_cookie.duration_seconds",
+                ttl.as_secs()
+                    .clamp(*COOKIE_SECONDS.start(), *COOKIE_SECONDS.end())
+                    .to_string(),
+            );
+        }
+        SessionAffinity::ClientIp { .. } => {
+            return Err(format!(
+                "backend {:?}: an ALB has no client-IP affinity; use cookie affinity",
+                backend.name
+            ));
+        }
+    }
+    let (target_type, targets) = network::targets(pool);
+    Ok(TargetGroupPlan {
+        name: target_group_name(lb, &backend.name),
+        protocol: "HTTP",
+        target_type,
+        targets,
+        health_check: network::health_check(pool),
+        attributes,
+    })
+}
 
 /// What a rule (or the listener's default) does.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,9 +279,72 @@ fn patterns(path: &PathMatch) -> Result<Vec<String>, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use portico_provider::routing::{Decision, HostRoutes, PathRoute};
+    use portico_provider::{
+        Certificate, HealthCheck, HttpTimeouts, HttpsListener, Target, TargetPool,
+    };
 
     use super::*;
+
+    fn lb() -> LoadBalancerName {
+        LoadBalancerName::for_object_uid("4a1c6f0e-8d8e-4f59-9b55-1b2f2a7c9d10")
+    }
+
+    fn backend(name: &str, node_port: u16) -> Backend {
+        Backend {
+            name: name.into(),
+            pool: TargetPool {
+                targets: vec![Target {
+                    node: "node-1".into(),
+                    address: "10.0.0.1".parse().unwrap(),
+                    port: node_port,
+                    provider_id: Some("aws:///eu-west-1a/i-0aaa".into()),
+                }],
+                health_check: HealthCheck::with_probe(Probe::Http {
+                    port: node_port,
+                    path: "/".into(),
+                }),
+                affinity: SessionAffinity::None,
+                proxy_protocol: false,
+                preserve_client_ip: false,
+                drain_timeout: None,
+            },
+            timeouts: None,
+        }
+    }
+
+    fn certificate(hosts: &[&str], source: CertificateSource) -> Certificate {
+        Certificate {
+            name: "c".into(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            source,
+        }
+    }
+
+    fn arn(id: &str) -> CertificateSource {
+        CertificateSource::Reference {
+            id: format!("arn:aws:acm:eu-west-1:123456789012:certificate/{id}"),
+        }
+    }
+
+    fn frontend() -> ApplicationFrontend {
+        ApplicationFrontend {
+            http_port: 80,
+            https: None,
+            redirect_to_https: false,
+            routes: RouteTable {
+                hosts: vec![HostRoutes {
+                    host: HostMatch::parse(Some("shop.example.com")),
+                    paths: vec![route(PathMatch::prefix("/"), "shop-80")],
+                }],
+                default_backend: Some("web-80".into()),
+            },
+            backends: vec![backend("shop-80", 30081), backend("web-80", 30080)],
+            timeouts: HttpTimeouts::default(),
+        }
+    }
 
     fn route(path: PathMatch, backend: &str) -> PathRoute {
         PathRoute {
@@ -230,5 +482,103 @@ mod tests {
             default_backend: None,
         };
         assert!(rules(&routes).unwrap_err().contains("wildcards"));
+    }
+
+    #[test]
+    fn every_backend_is_an_http_target_group_of_nodes_on_its_node_port() {
+        let plan = plan(&lb(), &frontend()).unwrap();
+        let shop = &plan.target_groups["shop-80"];
+        assert_eq!(shop.protocol, "HTTP");
+        assert_eq!(shop.targets, [("i-0aaa".into(), 30081)].into());
+        assert_eq!(shop.health_check.port, "30081");
+        assert_eq!(shop.health_check.matcher, Some("200-299"));
+        assert_eq!(shop.attributes["stickiness.enabled"], "false");
+        assert_eq!(plan.default, RuleAction::Forward("web-80".into()));
+        assert_eq!(plan.redirect_to, None);
+        assert_eq!(plan.https, None);
+        assert_eq!(plan.attributes["idle_timeout.timeout_seconds"], "60");
+    }
+
+    #[test]
+    fn target_group_names_fit_elbv2_and_stay_with_their_backend() {
+        let a = target_group_name(&lb(), "shop-80");
+        let b = target_group_name(&lb(), "a-very-long-service-name-that-goes-on-8080");
+        assert_eq!(a.len(), 32);
+        assert_eq!(b.len(), 32);
+        assert!(a.starts_with("a4a1c6f0e8d8e4f599b551b2-"));
+        assert_ne!(a, b);
+        assert_eq!(a, target_group_name(&lb(), "shop-80"));
+    }
+
+    #[test]
+    fn cookie_affinity_is_the_alb_cookie_for_the_asked_lifetime() {
+        let mut f = frontend();
+        f.backends[0].pool.affinity = SessionAffinity::Cookie {
+            name: "PORTICO_AFFINITY".into(),
+            ttl: Duration::from_secs(3600),
+        };
+        let plan = plan(&lb(), &f).unwrap();
+        let a = &plan.target_groups["shop-80"].attributes;
+        assert_eq!(a["stickiness.enabled"], "true");
+        assert_eq!(a["stickiness.type"], "lb_cookie");
+        assert_eq!(a["stickiness.lb_cookie.duration_seconds"], "3600");
+    }
+
+    #[test]
+    fn what_an_alb_cannot_do_is_refused_with_the_reason() {
+        let mut f = frontend();
+        f.backends[0].pool.affinity = SessionAffinity::ClientIp {
+            timeout: Duration::from_secs(10),
+        };
+        f.backends[1].pool.health_check = HealthCheck::with_probe(Probe::Tcp { port: 30080 });
+        let e = plan(&lb(), &f).unwrap_err();
+        assert!(e.contains("client-IP affinity"), "{e}");
+        assert!(e.contains("TCP health check"), "{e}");
+    }
+
+    #[test]
+    fn https_serves_the_referenced_certificates_with_the_hostless_one_as_default() {
+        let mut f = frontend();
+        f.redirect_to_https = true;
+        f.https = Some(HttpsListener {
+            port: 443,
+            certificates: vec![
+                certificate(&["shop.example.com"], arn("shop")),
+                certificate(
+                    &["shop.example.com"],
+                    CertificateSource::Pem {
+                        chain: "-----BEGIN CERTIFICATE-----".into(),
+                        key: "-----BEGIN PRIVATE KEY-----".into(),
+                    },
+                ),
+                certificate(&[], arn("wildcard")),
+            ],
+            min_tls_version: TlsVersion::Tls13,
+        });
+        let plan = plan(&lb(), &f).unwrap();
+        let https = plan.https.unwrap();
+        assert_eq!(plan.redirect_to, Some(443));
+        assert_eq!(https.certificates.len(), 2, "the PEM one is not uploaded");
+        assert!(https.certificates[0].ends_with("/wildcard"));
+        assert!(https.certificates[1].ends_with("/shop"));
+        assert_eq!(https.ssl_policy, "ELBSecurityPolicy-TLS13-1-3-2021-06");
+    }
+
+    #[test]
+    fn tls_with_only_secrets_is_refused_naming_where_alb_takes_certificates() {
+        let mut f = frontend();
+        f.https = Some(HttpsListener {
+            port: 443,
+            certificates: vec![certificate(
+                &["shop.example.com"],
+                CertificateSource::Pem {
+                    chain: String::new(),
+                    key: String::new(),
+                },
+            )],
+            min_tls_version: TlsVersion::Tls12,
+        });
+        let e = plan(&lb(), &f).unwrap_err();
+        assert!(e.contains("lb.portico.dev/certificates"), "{e}");
     }
 }

@@ -6,8 +6,14 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use std::sync::{Arc, Mutex};
+
 use aws_sdk_elasticloadbalancingv2::Client;
-use aws_sdk_elasticloadbalancingv2::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_elasticloadbalancingv2::config::interceptors::BeforeTransmitInterceptorContextRef;
+use aws_sdk_elasticloadbalancingv2::config::{
+    BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RuntimeComponents,
+};
+use aws_smithy_runtime_api::box_error::BoxError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
@@ -82,6 +88,57 @@ impl Moto {
         Client::from_conf(config)
     }
 
+    /// A client like [`Moto::client`] that also records the name of every operation it calls,
+    /// so a test can tell what a reconcile changed (or that it changed nothing).
+    pub fn recording_client(&self) -> (Client, Calls) {
+        self.client_with(Calls::default())
+    }
+
+    /// A client whose calls fail once `changes` calls that change something have gone
+    /// through: what a reconcile killed at that point has done.
+    pub fn client_killed_after(&self, changes: usize) -> Client {
+        self.client_with(Calls {
+            changes_allowed: Some(changes),
+            ..Calls::default()
+        })
+        .0
+    }
+
+    fn client_with(&self, calls: Calls) -> (Client, Calls) {
+        let config = self
+            .client()
+            .config()
+            .to_builder()
+            .interceptor(calls.clone())
+            .build();
+        (Client::from_conf(config), calls)
+    }
+
+    /// A certificate in moto's ACM for `domain`, as a user would have requested it; its ARN.
+    pub async fn request_certificate(&self, domain: &str) -> String {
+        let body = format!(r#"{{"DomainName":"{domain}"}}"#);
+        let answer = request(
+            self.addr,
+            "POST",
+            "/",
+            &format!(
+                "X-Amz-Target: CertificateManager.RequestCertificate\r\n\
+                 Content-Type: application/x-amz-json-1.1\r\n{}",
+                auth("acm")
+            ),
+            &body,
+        )
+        .await
+        .expect("RequestCertificate answers");
+        answer
+            .split(r#""CertificateArn": ""#)
+            .chain(answer.split(r#""CertificateArn":""#))
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .map(String::from)
+            .unwrap_or_else(|| panic!("no CertificateArn in {answer}"))
+    }
+
     /// Starts `n` EC2 instances (as nodes would be) and returns their ids.
     pub async fn run_instances(&self, n: u8) -> Vec<String> {
         let body = get(
@@ -132,17 +189,98 @@ fn values(body: &str, tag: &str) -> Vec<String> {
         .collect()
 }
 
-/// `GET path` on moto; `service` signs the request for that service's credential scope, which
-/// is how moto's single server tells services apart. The body of a 200, else `None`.
+/// The names of the operations a [`Moto::recording_client`] called, in order.
+#[derive(Clone, Debug, Default)]
+pub struct Calls {
+    made: Arc<Mutex<Vec<String>>>,
+    /// Refuse every change after this many, as if the reconcile were killed there.
+    changes_allowed: Option<usize>,
+}
+
+impl Calls {
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut self.made.lock().unwrap())
+    }
+
+    /// The calls taken so far that change something (everything but Describe*).
+    pub fn take_changes(&self) -> Vec<String> {
+        self.take()
+            .into_iter()
+            .filter(|c| !c.starts_with("Describe"))
+            .collect()
+    }
+}
+
+impl Intercept for Calls {
+    fn name(&self) -> &'static str {
+        "RecordCalls"
+    }
+
+    // The operation is the query protocol's `Action=` in the body (the request as sent).
+    fn read_before_transmit(
+        &self,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let body = context.request().body().bytes().unwrap_or_default();
+        let body = String::from_utf8_lossy(body);
+        let Some(name) = body
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("Action="))
+            .map(String::from)
+        else {
+            return Ok(());
+        };
+        let mut made = self.made.lock().unwrap();
+        let changes = made.iter().filter(|c| !c.starts_with("Describe")).count();
+        if let Some(allowed) = self.changes_allowed
+            && !name.starts_with("Describe")
+            && changes >= allowed
+        {
+            return Err(format!("{name} refused: the reconcile was killed here").into());
+        }
+        made.push(name);
+        Ok(())
+    }
+}
+
+/// An `Authorization` header scoped to `service`, which is how moto's single server tells
+/// services apart (it checks no signature).
+fn auth(service: &str) -> String {
+    format!(
+        "Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/{service}/aws4_request, \
+         SignedHeaders=host, Signature=0\r\n"
+    )
+}
+
+/// `GET path` on moto, for `service`. The body of a 200, else `None`.
 async fn get(addr: SocketAddr, path: &str, service: Option<&str>) -> Option<String> {
+    request(
+        addr,
+        "GET",
+        path,
+        &service.map(auth).unwrap_or_default(),
+        "",
+    )
+    .await
+}
+
+/// One HTTP/1.1 request to moto with extra `headers` (each ending in CRLF); the body of a
+/// 200, else `None`.
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> Option<String> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let auth = service.map_or(String::new(), |s| {
-        format!(
-            "Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/{s}/aws4_request, \
-             SignedHeaders=host, Signature=0\r\n"
-        )
-    });
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = String::new();
     tokio::time::timeout(

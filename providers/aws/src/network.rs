@@ -61,6 +61,8 @@ pub struct HealthCheckPlan {
     pub protocol: &'static str,
     pub port: String,
     pub path: Option<String>,
+    /// HTTP status codes that count as healthy (HTTP checks only): the model's 2xx.
+    pub matcher: Option<&'static str>,
     pub interval_seconds: i32,
     pub timeout_seconds: i32,
     pub healthy_threshold: i32,
@@ -126,38 +128,13 @@ fn target_group(
     port: u16,
     pool: &TargetPool,
 ) -> TargetGroupPlan {
-    let instances: Option<Vec<&str>> = pool
-        .targets
-        .iter()
-        .map(|t| t.provider_id.as_deref().and_then(instance_id))
-        .collect();
-    let (target_type, targets) = match instances {
-        Some(ids) if !ids.is_empty() => (
-            TargetType::Instance,
-            ids.iter()
-                .zip(&pool.targets)
-                .map(|(id, t)| (id.to_string(), t.port))
-                .collect(),
-        ),
-        _ => (
-            TargetType::Ip,
-            pool.targets
-                .iter()
-                .map(|t: &Target| (t.address.to_string(), t.port))
-                .collect(),
-        ),
-    };
+    let (target_type, targets) = targets(pool);
     let mut attributes = BTreeMap::new();
     let sticky = matches!(pool.affinity, SessionAffinity::ClientIp { .. });
     attributes.insert("stickiness.enabled", sticky.to_string());
     attributes.insert("stickiness.type", "source_ip".to_string());
     attributes.insert("proxy_protocol_v2.enabled", pool.proxy_protocol.to_string());
-    attributes.insert(
-        "deregistration_delay.timeout_seconds",
-        pool.drain_timeout
-            .map_or(DEFAULT_DRAIN_SECONDS, |d| d.as_secs().min(3600))
-            .to_string(),
-    );
+    attributes.insert("deregistration_delay.timeout_seconds", drain_seconds(pool));
     attributes.insert(
         "preserve_client_ip.enabled",
         // Instance targets keep the client's address anyway; IP targets only when asked.
@@ -173,9 +150,42 @@ fn target_group(
     }
 }
 
-/// ELBv2's ranges for network load balancers: interval 5–300 s, timeout 2–120 s and below the
-/// interval, thresholds 2–10. Values outside are brought to the nearest allowed one.
-fn health_check(pool: &TargetPool) -> HealthCheckPlan {
+/// The pool's nodes as targets on their node port: instances when every node has an AWS
+/// instance id, else addresses.
+pub(crate) fn targets(pool: &TargetPool) -> (TargetType, BTreeSet<(String, u16)>) {
+    let instances: Option<Vec<&str>> = pool
+        .targets
+        .iter()
+        .map(|t| t.provider_id.as_deref().and_then(instance_id))
+        .collect();
+    match instances {
+        Some(ids) if !ids.is_empty() => (
+            TargetType::Instance,
+            ids.iter()
+                .zip(&pool.targets)
+                .map(|(id, t)| (id.to_string(), t.port))
+                .collect(),
+        ),
+        _ => (
+            TargetType::Ip,
+            pool.targets
+                .iter()
+                .map(|t: &Target| (t.address.to_string(), t.port))
+                .collect(),
+        ),
+    }
+}
+
+pub(crate) fn drain_seconds(pool: &TargetPool) -> String {
+    pool.drain_timeout
+        .map_or(DEFAULT_DRAIN_SECONDS, |d| d.as_secs().min(3600))
+        .to_string()
+}
+
+/// ELBv2's ranges (network and application load balancers alike): interval 5–300 s, timeout
+/// 2–120 s and below the interval, thresholds 2–10. Values outside are brought to the nearest
+/// allowed one.
+pub(crate) fn health_check(pool: &TargetPool) -> HealthCheckPlan {
     let hc = &pool.health_check;
     let secs = |d: std::time::Duration| i32::try_from(d.as_secs()).unwrap_or(i32::MAX);
     let interval = secs(hc.interval).clamp(5, 300);
@@ -186,6 +196,7 @@ fn health_check(pool: &TargetPool) -> HealthCheckPlan {
         Probe::Tcp { port } => ("TCP", port.to_string(), None),
     };
     HealthCheckPlan {
+        matcher: path.as_ref().map(|_| "200-299"),
         protocol,
         port,
         path,

@@ -11,14 +11,17 @@ use aws_sdk_elasticloadbalancingv2::types::{
     TargetTypeEnum,
 };
 use portico_provider::{
-    Address, Frontend, LoadBalancerName, LoadBalancerSpec, LoadBalancerStatus,
-    ObservedLoadBalancer, Ownership, PortStatus, Protocol, Provider, ProviderError,
+    Address, ApplicationFrontend, Frontend, LoadBalancerName, LoadBalancerSpec, LoadBalancerStatus,
+    NetworkFrontend, ObservedLoadBalancer, Ownership, PortStatus, Protocol, Provider,
+    ProviderError,
 };
 use tokio::sync::OnceCell;
 
 use crate::error::from_sdk;
 use crate::network::{self, ListenerPlan, NetworkPlan, TargetGroupPlan};
-use crate::tags;
+use crate::{application, tags};
+
+mod application_listeners;
 
 /// The plan's health check on a CreateTargetGroup or ModifyTargetGroup request (two builder
 /// types with the same setters).
@@ -29,6 +32,11 @@ macro_rules! with_health_check {
             .health_check_protocol(ProtocolEnum::from(hc.protocol))
             .health_check_port(&hc.port)
             .set_health_check_path(hc.path.clone())
+            .set_matcher(hc.matcher.map(|m| {
+                aws_sdk_elasticloadbalancingv2::types::Matcher::builder()
+                    .http_code(m)
+                    .build()
+            }))
             .health_check_interval_seconds(hc.interval_seconds)
             .health_check_timeout_seconds(hc.timeout_seconds)
             .healthy_threshold_count(hc.healthy_threshold)
@@ -187,6 +195,7 @@ impl AwsProvider {
     async fn create_load_balancer(
         &self,
         spec: &LoadBalancerSpec,
+        kind: LoadBalancerTypeEnum,
     ) -> Result<LoadBalancer, ProviderError> {
         if self.settings.subnets.is_empty() {
             return Err(ProviderError::Invalid(
@@ -203,7 +212,7 @@ impl AwsProvider {
             .await
             .create_load_balancer()
             .name(spec.name.as_str())
-            .r#type(LoadBalancerTypeEnum::Network)
+            .r#type(kind.clone())
             .scheme(scheme)
             .set_subnets(Some(self.settings.subnets.clone()))
             .set_tags(Some(self.all_tags(&spec.owner, &spec.name)));
@@ -214,7 +223,7 @@ impl AwsProvider {
             .send()
             .await
             .map_err(|e| from_sdk("creating the load balancer", e))?;
-        tracing::info!(lb = %spec.name, "created network load balancer");
+        tracing::info!(lb = %spec.name, kind = %kind, "created load balancer");
         out.load_balancers()
             .first()
             .cloned()
@@ -415,13 +424,8 @@ impl AwsProvider {
                     }
                 }
                 _ => {
-                    self.elb()
-                        .await
-                        .delete_listener()
-                        .listener_arn(listener.listener_arn().unwrap_or_default())
-                        .send()
-                        .await
-                        .map_err(|e| from_sdk("deleting a listener", e))?;
+                    self.delete_listener(listener.listener_arn().unwrap_or_default())
+                        .await?;
                     stale_groups.extend(current_tg);
                 }
             }
@@ -510,12 +514,110 @@ impl AwsProvider {
             .collect())
     }
 
+    /// Load balancer `spec.name` of type `kind`: found (and checked to be ours) or created.
+    async fn load_balancer(
+        &self,
+        spec: &LoadBalancerSpec,
+        kind: LoadBalancerTypeEnum,
+    ) -> Result<LoadBalancer, ProviderError> {
+        let Some(lb) = self.find_load_balancer(&spec.name).await? else {
+            return self.create_load_balancer(spec, kind).await;
+        };
+        match self.owner_of(&lb).await? {
+            Some(owner) if owner.same_owner(&spec.owner) => {}
+            other => return Err(tags::not_owned(spec.name.as_str(), other)),
+        }
+        if lb.r#type() != Some(&kind) {
+            return Err(ProviderError::Invalid(format!(
+                "load balancer {} is of type {}, not {kind}",
+                spec.name,
+                lb.r#type().map_or("unknown", |t| t.as_str())
+            )));
+        }
+        Ok(lb)
+    }
+
+    async fn ensure_network(
+        &self,
+        spec: &LoadBalancerSpec,
+        frontend: &NetworkFrontend,
+    ) -> Result<LoadBalancerStatus, ProviderError> {
+        if spec.requested_address.is_some() {
+            return Err(ProviderError::Invalid(
+                "loadBalancerIP is not supported by network load balancers here (use Elastic \
+                 IPs per subnet)"
+                    .into(),
+            ));
+        }
+        let plan = network::plan(&spec.name, frontend).map_err(ProviderError::Invalid)?;
+        let lb = self
+            .load_balancer(spec, LoadBalancerTypeEnum::Network)
+            .await?;
+        let lb_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
+        let mut groups = HashMap::new();
+        for listener in &plan.listeners {
+            let ListenerPlan {
+                port, target_group, ..
+            } = listener;
+            groups.insert(*port, self.ensure_target_group(spec, target_group).await?);
+        }
+        self.ensure_listeners(&lb_arn, &plan, &groups).await?;
+        Ok(Self::status(&lb, &plan))
+    }
+
+    async fn ensure_application(
+        &self,
+        spec: &LoadBalancerSpec,
+        frontend: &ApplicationFrontend,
+    ) -> Result<LoadBalancerStatus, ProviderError> {
+        let plan = application::plan(&spec.name, frontend).map_err(ProviderError::Invalid)?;
+        let lb = self
+            .load_balancer(spec, LoadBalancerTypeEnum::Application)
+            .await?;
+        let lb_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
+        let mut groups = HashMap::new();
+        for (backend, target_group) in &plan.target_groups {
+            groups.insert(
+                backend.clone(),
+                self.ensure_target_group(spec, target_group).await?,
+            );
+        }
+        self.ensure_application_listeners(&lb_arn, &plan, &groups)
+            .await?;
+        let ports = std::iter::once(plan.http_port)
+            .chain(plan.https.as_ref().map(|h| h.port))
+            .map(|port| PortStatus {
+                protocol: Protocol::Tcp,
+                port,
+                error: None,
+            })
+            .collect();
+        Ok(LoadBalancerStatus {
+            addresses: Self::addresses(&lb),
+            ports,
+        })
+    }
+
+    async fn delete_listener(&self, arn: &str) -> Result<(), ProviderError> {
+        self.elb()
+            .await
+            .delete_listener()
+            .listener_arn(arn)
+            .send()
+            .await
+            .map_err(|e| from_sdk("deleting a listener", e))?;
+        Ok(())
+    }
+
+    fn addresses(lb: &LoadBalancer) -> Vec<Address> {
+        lb.dns_name()
+            .map(|d| vec![Address::Hostname(d.to_string())])
+            .unwrap_or_default()
+    }
+
     fn status(lb: &LoadBalancer, plan: &NetworkPlan) -> LoadBalancerStatus {
         LoadBalancerStatus {
-            addresses: lb
-                .dns_name()
-                .map(|d| vec![Address::Hostname(d.to_string())])
-                .unwrap_or_default(),
+            addresses: Self::addresses(lb),
             ports: plan
                 .listeners
                 .iter()
@@ -548,10 +650,7 @@ impl AwsProvider {
             })
             .collect();
         LoadBalancerStatus {
-            addresses: lb
-                .dns_name()
-                .map(|d| vec![Address::Hostname(d.to_string())])
-                .unwrap_or_default(),
+            addresses: Self::addresses(lb),
             ports,
         }
     }
@@ -569,6 +668,7 @@ fn needs_health_check_update(existing: &TargetGroup, plan: &TargetGroupPlan) -> 
     existing.health_check_protocol().map(|p| p.as_str()) != Some(hc.protocol)
         || existing.health_check_port() != Some(hc.port.as_str())
         || (hc.path.is_some() && existing.health_check_path() != hc.path.as_deref())
+        || (hc.matcher.is_some() && existing.matcher().and_then(|m| m.http_code()) != hc.matcher)
         || existing.health_check_interval_seconds() != Some(hc.interval_seconds)
         || existing.health_check_timeout_seconds() != Some(hc.timeout_seconds)
         || existing.healthy_threshold_count() != Some(hc.healthy_threshold)
@@ -582,39 +682,19 @@ impl Provider for AwsProvider {
     }
 
     async fn ensure(&self, spec: &LoadBalancerSpec) -> Result<LoadBalancerStatus, ProviderError> {
-        let Frontend::Network(frontend) = &spec.frontend else {
+        if !spec.source_ranges.is_empty() {
+            // Enforcing them means security-group rules, and so the EC2 API, which this build
+            // leaves out; serving everyone instead would be a silent hole.
             return Err(ProviderError::Invalid(
-                "application load balancers (Ingresses) are not provided on AWS yet".into(),
-            ));
-        };
-        if spec.requested_address.is_some() {
-            return Err(ProviderError::Invalid(
-                "loadBalancerIP is not supported by network load balancers here (use Elastic \
-                 IPs per subnet)"
+                "source ranges are not enforced by the aws provider (it manages no security \
+                 groups); restrict the security groups named in the ProviderConfig instead"
                     .into(),
             ));
         }
-        let plan = network::plan(&spec.name, frontend).map_err(ProviderError::Invalid)?;
-        let lb = match self.find_load_balancer(&spec.name).await? {
-            Some(lb) => {
-                match self.owner_of(&lb).await? {
-                    Some(owner) if owner.same_owner(&spec.owner) => {}
-                    other => return Err(tags::not_owned(spec.name.as_str(), other)),
-                }
-                lb
-            }
-            None => self.create_load_balancer(spec).await?,
-        };
-        let lb_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
-        let mut groups = HashMap::new();
-        for listener in &plan.listeners {
-            let ListenerPlan {
-                port, target_group, ..
-            } = listener;
-            groups.insert(*port, self.ensure_target_group(spec, target_group).await?);
+        match &spec.frontend {
+            Frontend::Network(frontend) => self.ensure_network(spec, frontend).await,
+            Frontend::Application(frontend) => self.ensure_application(spec, frontend).await,
         }
-        self.ensure_listeners(&lb_arn, &plan, &groups).await?;
-        Ok(Self::status(&lb, &plan))
     }
 
     async fn get(
@@ -649,13 +729,8 @@ impl Provider for AwsProvider {
             }
             let arn = lb.load_balancer_arn().unwrap_or_default().to_string();
             for listener in self.listeners_of(&arn).await? {
-                self.elb()
-                    .await
-                    .delete_listener()
-                    .listener_arn(listener.listener_arn().unwrap_or_default())
-                    .send()
-                    .await
-                    .map_err(|e| from_sdk("deleting a listener", e))?;
+                self.delete_listener(listener.listener_arn().unwrap_or_default())
+                    .await?;
             }
             self.elb()
                 .await
@@ -664,7 +739,7 @@ impl Provider for AwsProvider {
                 .send()
                 .await
                 .map_err(|e| from_sdk("deleting the load balancer", e))?;
-            tracing::info!(lb = %name, "deleted network load balancer");
+            tracing::info!(lb = %name, "deleted load balancer");
         }
         // Target groups go last: AWS refuses (ResourceInUse, retried later) while a load
         // balancer still uses them.

@@ -58,10 +58,14 @@ fn spec(uid: &str, owner: Ownership, listeners: Vec<Listener>) -> LoadBalancerSp
 }
 
 async fn provider(moto: &Moto) -> AwsProvider {
+    provider_with(moto, moto.client()).await
+}
+
+async fn provider_with(moto: &Moto, client: Client) -> AwsProvider {
     let (vpc, subnets) = moto.default_network().await;
     assert!(!subnets.is_empty(), "moto's default VPC has subnets");
     AwsProvider::new(
-        moto.client(),
+        client,
         AwsSettings {
             subnets,
             vpc_id: Some(vpc),
@@ -208,7 +212,8 @@ async fn a_service_becomes_a_network_load_balancer_with_a_listener_and_target_gr
 #[tokio::test(flavor = "multi_thread")]
 async fn an_update_follows_ports_nodes_and_health_checks_and_a_repeat_changes_nothing() {
     let moto = Moto::start().await;
-    let aws = provider(&moto).await;
+    let (recording, calls) = moto.recording_client();
+    let aws = provider_with(&moto, recording).await;
     let client = moto.client();
     let mut web = spec(
         "1c6f-web",
@@ -219,11 +224,13 @@ async fn an_update_follows_ports_nodes_and_health_checks_and_a_repeat_changes_no
         ],
     );
     let first = aws.ensure(&web).await.unwrap();
+    calls.take();
     assert_eq!(
         aws.ensure(&web).await.unwrap(),
         first,
-        "the same spec again is a no-op"
+        "the same spec again reports the same"
     );
+    assert_eq!(calls.take_changes(), Vec::<String>::new(), "and only reads");
     let before = target_group_names(&client).await;
 
     // Port 443 goes, node 3 joins, node 1 leaves, the probe becomes TCP.
@@ -433,4 +440,47 @@ async fn nodes_with_instance_ids_are_registered_as_instances_on_their_node_port(
     let registered = listeners_of(&client, &web.name).await;
     let expected: BTreeSet<(String, i32)> = instances.iter().map(|i| (i.clone(), 30080)).collect();
     assert_eq!(registered, vec![(80, "TCP".into(), expected)]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconcile_killed_between_any_two_calls_converges_without_duplicates_or_leaks() {
+    let moto = Moto::start().await;
+    let aws = provider(&moto).await;
+    let client = moto.client();
+    let web = spec(
+        "7c2f-web",
+        owner("c1", "7c2f-web"),
+        vec![
+            listener(Protocol::Tcp, 80, 30080, &[1, 2]),
+            listener(Protocol::Udp, 53, 30053, &[1, 2]),
+        ],
+    );
+    let (recording, calls) = moto.recording_client();
+    provider_with(&moto, recording)
+        .await
+        .ensure(&web)
+        .await
+        .unwrap();
+    let changes = calls.take_changes().len();
+    let expected = listeners_of(&client, &web.name).await;
+    let groups = target_group_names(&client).await;
+    aws.delete(&web.name, &web.owner).await.unwrap();
+
+    for killed_after in 0..changes {
+        let killed = provider_with(&moto, moto.client_killed_after(killed_after)).await;
+        assert!(killed.ensure(&web).await.is_err());
+        aws.ensure(&web).await.unwrap_or_else(|e| {
+            panic!("the next reconcile after {killed_after} changes completes: {e}")
+        });
+        assert_eq!(listeners_of(&client, &web.name).await, expected);
+        assert_eq!(target_group_names(&client).await, groups, "no duplicates");
+        aws.delete(&web.name, &web.owner).await.unwrap();
+        assert_eq!(
+            target_group_names(&client).await,
+            BTreeSet::new(),
+            "nothing leaks (killed after {killed_after} changes)"
+        );
+        let lbs = client.describe_load_balancers().send().await.unwrap();
+        assert!(lbs.load_balancers().is_empty());
+    }
 }

@@ -51,11 +51,18 @@ pub struct CertStore {
 
 impl CertStore {
     /// Parses every certificate; the first one listed wins a host claimed twice. The default
-    /// is the first certificate without hosts, else the first one.
+    /// is the first certificate without hosts, else the first one. Certificates held by a
+    /// cloud (references) are for that cloud: skipped next to PEM ones, refused alone.
     pub fn build(certificates: &[Certificate]) -> Result<CertStore, CertificateError> {
         let mut store = CertStore::default();
         let mut first = None;
-        for cert in certificates {
+        let any_pem = certificates
+            .iter()
+            .any(|c| matches!(c.source, CertificateSource::Pem { .. }));
+        for cert in certificates
+            .iter()
+            .filter(|c| !any_pem || matches!(c.source, CertificateSource::Pem { .. }))
+        {
             let key = Arc::new(parse(cert)?);
             first.get_or_insert_with(|| key.clone());
             if cert.hosts.is_empty() && store.default.is_none() {
@@ -179,4 +186,44 @@ pub fn server_config(resolver: Arc<SniResolver>, min: TlsVersion) -> Arc<ServerC
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Arc::new(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pem(host: &str) -> Certificate {
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec![host.to_string()]).unwrap();
+        Certificate {
+            name: host.into(),
+            hosts: vec![host.into()],
+            source: CertificateSource::Pem {
+                chain: cert.pem(),
+                key: signing_key.serialize_pem(),
+            },
+        }
+    }
+
+    fn held(id: &str) -> Certificate {
+        Certificate {
+            name: id.into(),
+            hosts: vec![],
+            source: CertificateSource::Reference { id: id.into() },
+        }
+    }
+
+    #[test]
+    fn certificates_held_by_a_cloud_are_skipped_next_to_pem_and_refused_alone() {
+        let store = CertStore::build(&[held("arn:aws:acm:x"), pem("web.example")]).unwrap();
+        assert!(store.pick(Some("web.example")).is_some());
+        assert!(
+            store.pick(None).is_some(),
+            "the PEM certificate is the default"
+        );
+        assert!(matches!(
+            CertStore::build(&[held("arn:aws:acm:x")]),
+            Err(CertificateError::Reference { .. })
+        ));
+    }
 }
