@@ -121,6 +121,11 @@ pub struct GcpSettings {
     pub network: String,
     #[serde(default)]
     pub network_tier: GcpNetworkTier,
+    /// Network tags of the nodes: the firewall rules Portico creates apply to them only
+    /// (to every instance of the network when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")))]
+    pub node_tags: Vec<String>,
     /// Another endpoint for the Compute Engine API (a fake, a private endpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://"))]

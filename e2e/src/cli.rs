@@ -155,6 +155,7 @@ async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         wait_for_nodes: true,
         ready_timeout: Duration::from_secs(args.timeout),
         portico_crds: true,
+        provider_id_prefix: None,
     };
     let me = std::env::current_exe().context("locating portico-testbed itself")?;
     let launch = Testbed::launch(options, slot, Supervision::Detached, Some(me));

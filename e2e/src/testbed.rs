@@ -44,6 +44,8 @@ pub struct TestbedOptions {
     /// Create Portico's CRDs once the API server is up, as an installed chart would have; off
     /// for tests of the install itself.
     pub portico_crds: bool,
+    /// Nodes' `spec.providerID` prefix (see [`AgentConfig::provider_id_prefix`]).
+    pub provider_id_prefix: Option<String>,
 }
 
 impl Default for TestbedOptions {
@@ -55,6 +57,7 @@ impl Default for TestbedOptions {
             wait_for_nodes: true,
             ready_timeout: Duration::from_secs(120),
             portico_crds: true,
+            provider_id_prefix: None,
         }
     }
 }
@@ -211,7 +214,12 @@ impl Testbed {
         prepare_state_dir(&layout)?;
 
         let plan = slot.plan();
-        write_configuration(&layout, &plan, options.nodes)?;
+        write_configuration(
+            &layout,
+            &plan,
+            options.nodes,
+            options.provider_id_prefix.clone(),
+        )?;
         let admin = load_kubeconfig(&layout.admin_kubeconfig()).await?;
 
         let mut testbed = Testbed {
@@ -552,6 +560,7 @@ fn write_configuration(
     layout: &StateLayout,
     plan: &AddressPlan,
     nodes: u8,
+    provider_id_prefix: Option<String>,
 ) -> Result<(), TestbedError> {
     let pki = Pki::generate(plan)?;
     pki.write(&layout.pki_files())
@@ -577,6 +586,7 @@ fn write_configuration(
         plan: *plan,
         nodes,
         kubeconfig: layout.admin_kubeconfig(),
+        provider_id_prefix,
     };
     let agent_json = serde_json::to_string_pretty(&agent).expect("serializable");
     std::fs::write(layout.agent_config(), agent_json).map_err(io_context("writing agent.json"))

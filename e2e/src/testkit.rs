@@ -306,10 +306,19 @@ pub async fn load_balancer_answering(client: &Client, name: &str) -> SocketAddr 
 pub async fn cluster_with_portico(
     tune: impl FnOnce(&mut PorticoConfig),
 ) -> (Testbed, Portico, Client) {
+    cluster_with_portico_on(TestbedOptions::default(), tune).await
+}
+
+/// [`cluster_with_portico`] on a testbed started with `options` (its nodes and Portico's CRDs
+/// aside: 3 nodes, the chart's CRDs).
+pub async fn cluster_with_portico_on(
+    options: TestbedOptions,
+    tune: impl FnOnce(&mut PorticoConfig),
+) -> (Testbed, Portico, Client) {
     let testbed = Testbed::start(TestbedOptions {
         nodes: 3,
         portico_crds: false,
-        ..Default::default()
+        ..options
     })
     .await
     .expect("testbed starts");

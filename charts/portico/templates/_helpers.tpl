@@ -64,6 +64,9 @@ gcp:
   region: {{ required "providerConfig.gcp.region is required for the gcp provider" $p.gcp.region | quote }}
   network: {{ $p.gcp.network | quote }}
   networkTier: {{ $p.gcp.networkTier | quote }}
+  {{- with $p.gcp.nodeTags }}
+  nodeTags: {{ toJson . }}
+  {{- end }}
   {{- with $p.gcp.endpointUrl }}
   endpointUrl: {{ . | quote }}
   {{- end }}

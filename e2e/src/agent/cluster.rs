@@ -78,6 +78,7 @@ pub(crate) struct Cluster {
     pub client: Client,
     pub plan: AddressPlan,
     pub node_count: u8,
+    pub provider_id_prefix: Option<String>,
     pub nodes: Watched<Node>,
     pub pods: Watched<Pod>,
     pub services: Watched<Service>,
@@ -95,6 +96,7 @@ impl Cluster {
         client: Client,
         plan: AddressPlan,
         node_count: u8,
+        provider_id_prefix: Option<String>,
         shutdown: CancellationToken,
     ) -> Arc<Cluster> {
         Arc::new(Cluster {
@@ -107,6 +109,7 @@ impl Cluster {
             client,
             plan,
             node_count,
+            provider_id_prefix,
             shutdown,
         })
     }

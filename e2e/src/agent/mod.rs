@@ -48,6 +48,10 @@ pub struct AgentConfig {
     pub nodes: u8,
     /// The admin kubeconfig the agent talks to the API server with.
     pub kubeconfig: PathBuf,
+    /// Nodes' `spec.providerID` is this followed by the node name (a cloud's form, e.g.
+    /// `gce://project/zone/`); default `portico-testbed://<slot>/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_id_prefix: Option<String>,
 }
 
 /// Whether the simulated kubelet runs `image`: `portico.dev/echo` with any tag or digest.
@@ -116,7 +120,13 @@ pub async fn run_until(config: AgentConfig, stop: CancellationToken) -> Result<(
     // Everything below stops with `shutdown`; dropping the guard on any return cancels it.
     let shutdown = stop.child_token();
     let _stop_all = shutdown.clone().drop_guard();
-    let cluster = cluster::Cluster::start(client, config.plan, config.nodes, shutdown.clone());
+    let cluster = cluster::Cluster::start(
+        client,
+        config.plan,
+        config.nodes,
+        config.provider_id_prefix.clone(),
+        shutdown.clone(),
+    );
 
     register_nodes(&cluster).await?;
     info!(

@@ -33,7 +33,12 @@ const LEASE_DURATION_SECONDS: i32 = 40;
 const VERSION: &str = "v1.20.2";
 
 /// The Node object we create for node `k` (an existing one is never replaced).
-pub(crate) fn node_object(plan: &AddressPlan, k: u8, now: jiff::Timestamp) -> Node {
+pub(crate) fn node_object(
+    plan: &AddressPlan,
+    k: u8,
+    provider_id_prefix: Option<&str>,
+    now: jiff::Timestamp,
+) -> Node {
     let name = plan.node_name(k);
     Node {
         metadata: ObjectMeta {
@@ -46,11 +51,10 @@ pub(crate) fn node_object(plan: &AddressPlan, k: u8, now: jiff::Timestamp) -> No
             ..Default::default()
         },
         spec: Some(NodeSpec {
-            provider_id: Some(format!(
-                "portico-testbed://{}/{}",
-                plan.slot,
-                plan.node_name(k)
-            )),
+            provider_id: Some(match provider_id_prefix {
+                Some(prefix) => format!("{prefix}{}", plan.node_name(k)),
+                None => format!("portico-testbed://{}/{}", plan.slot, plan.node_name(k)),
+            }),
             ..Default::default()
         }),
         status: Some(node_status(plan, k, now, None)),
@@ -156,7 +160,12 @@ pub(crate) async fn register(cluster: &Cluster, k: u8) -> Result<(), AgentError>
     let name = cluster.plan.node_name(k);
     let existing = api_call(format!("reading node {name}"), nodes.get_opt(&name)).await?;
     if existing.is_none() {
-        let node = node_object(&cluster.plan, k, jiff::Timestamp::now());
+        let node = node_object(
+            &cluster.plan,
+            k,
+            cluster.provider_id_prefix.as_deref(),
+            jiff::Timestamp::now(),
+        );
         match api_call(
             format!("creating node {name}"),
             nodes.create(&PostParams::default(), &node),
@@ -311,7 +320,7 @@ mod tests {
     fn a_new_node_is_labelled_addressed_and_ready() {
         let plan = AddressPlan::new(4);
         let now = jiff::Timestamp::from_second(1_700_000_000).unwrap();
-        let node = node_object(&plan, 2, now);
+        let node = node_object(&plan, 2, None, now);
         let json = serde_json::to_value(&node).unwrap();
         assert_eq!(
             json["metadata"]["labels"]["kubernetes.io/hostname"],

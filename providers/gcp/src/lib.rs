@@ -1,0 +1,17 @@
+//! `portico-gcp`: Portico's GCP provider on Compute Engine. A Service gets an external
+//! passthrough network load balancer: a regional address, a target pool of the nodes'
+//! instances with a legacy HTTP health check, a forwarding rule per protocol, and firewall
+//! rules for the clients and for Google's health checkers.
+//!
+//! Translation is pure ([`network`]); [`provider`] reads what exists, changes what differs,
+//! waits for the operations it starts ([`operation`]) and maps API errors onto the
+//! reconciler's ([`error`]). [`fake`] is a stateful fake of the REST endpoints used, for tests.
+
+pub mod error;
+pub mod fake;
+pub mod names;
+pub mod network;
+pub mod operation;
+pub mod provider;
+
+pub use provider::{GcpProvider, GcpSettings};
