@@ -1,9 +1,11 @@
 //! The operator with the GCP provider, installed with the chart (a ProviderConfig for gcp
 //! pointed at the fake Compute Engine API on loopback), on nodes with GCE provider IDs: a
 //! Service of type LoadBalancer gets the IP of the address reserved for it, its nodes are
-//! the target pool's instances, and deleting the Service deletes every resource it had.
+//! the target pool's instances; an Ingress to it gets the IP of its Application load
+//! balancer's global address; deleting either deletes every resource it had.
 
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::Ingress;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 use portico_e2e::agent::ECHO_IMAGE;
@@ -17,7 +19,7 @@ const PROJECT: &str = "shop-prod";
 const REGION: &str = "europe-west1";
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_service_on_the_gcp_provider_gets_its_reserved_ip_until_it_is_deleted() {
+async fn services_and_ingresses_on_the_gcp_provider_get_their_reserved_ips_until_deleted() {
     let fake = FakeCompute::start(2).await;
     let endpoint = fake.url();
     // What the GCE cloud controller would have set on each node.
@@ -85,6 +87,54 @@ async fn a_service_on_the_gcp_provider_gets_its_reserved_ip_until_it_is_deleted(
         )
         .expect("a TCP forwarding rule");
     assert_eq!(rule["ports"], json!(["80"]));
+
+    // An Ingress to the same Service: a global address, URL map, proxy and forwarding rule.
+    let shop: Ingress = serde_json::from_value(json!({
+        "metadata": {"name": "shop"},
+        "spec": {
+            "ingressClassName": "portico",
+            "rules": [{"host": "shop.example.com", "http": {"paths": [{
+                "path": "/", "pathType": "Prefix",
+                "backend": {"service": {"name": "web", "port": {"number": 80}}},
+            }]}}],
+        },
+    }))
+    .unwrap();
+    let shop = create(&client, &shop).await;
+    let alb = LoadBalancerName::for_object_uid(&shop.uid().unwrap());
+    let ingresses: Api<Ingress> = Api::namespaced(client.clone(), NS);
+    let alb_ip = eventually("the Ingress carries an IP", || async {
+        let ing = ingresses.get("shop").await.ok()?;
+        ing.status?.load_balancer?.ingress?.first()?.ip.clone()
+    })
+    .await;
+    let global = fake
+        .resource(PROJECT, "global/addresses", alb.as_str())
+        .expect("a global address reserved for the Ingress");
+    assert_eq!(global["address"], alb_ip.as_str());
+    let map = fake
+        .resource(PROJECT, "global/urlMaps", alb.as_str())
+        .expect("a URL map");
+    assert_eq!(map["hostRules"][0]["hosts"], json!(["shop.example.com"]));
+    let held = fake.count();
+    ingresses
+        .delete("shop", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the Ingress is gone once its load balancer is", || async {
+        ingresses
+            .get_opt("shop")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        fake.resource(PROJECT, "global/urlMaps", alb.as_str())
+            .is_none()
+    );
+    assert!(fake.count() < held, "the Ingress's resources went");
 
     services
         .delete("web", &DeleteParams::default())

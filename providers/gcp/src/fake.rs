@@ -2,7 +2,7 @@
 //! Compute Engine emulator. It keeps state and answers the way the API documents: a resource
 //! by name (404 when missing), insert (409 when it exists, 400 when it names a missing
 //! resource), delete (400 `resourceInUseByAnotherResource` while another resource points at
-//! it), patch, the target pools' instance and health-check verbs, and operations that report
+//! it), patch, update, the target pools' instance and health-check verbs, and operations that report
 //! `RUNNING` for a few polls before `DONE`. Served on a free 127.0.0.1 port, stopped when
 //! dropped.
 
@@ -34,6 +34,8 @@ struct State {
     changes_allowed: Option<usize>,
     /// One-shot failures: (path fragment, status, reason).
     failures: VecDeque<(String, u16, String)>,
+    /// Network endpoints by endpoint group path.
+    endpoints: HashMap<String, Vec<Value>>,
 }
 
 pub struct FakeCompute {
@@ -164,6 +166,15 @@ fn error(status: u16, reason: &str, message: &str) -> Response<Full<Bytes>> {
     )
 }
 
+/// The API's 404 for the resource at `link`.
+fn missing(link: &str) -> Response<Full<Bytes>> {
+    error(
+        404,
+        "notFound",
+        &format!("The resource '{link}' was not found"),
+    )
+}
+
 /// A link's path after `compute/v1/`, which is how resources are keyed.
 fn key_of(link: &str) -> &str {
     link.split_once("compute/v1/")
@@ -192,10 +203,27 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Fu
         let (_, status, reason) = state.failures.remove(i).unwrap();
         return error(status, &reason, &format!("injected {reason}"));
     }
+    // A few verbs of global resources have no `global/` in their path
+    // (`projects/{p}/targetHttpProxies/{name}/setUrlMap`).
+    let rest = match rest.split('/').nth(2) {
+        Some("targetHttpProxies" | "targetHttpsProxies") => {
+            let (project, tail) = rest.split_at(rest.match_indices('/').nth(1).unwrap().0);
+            format!("{project}/global{tail}")
+        }
+        _ => rest.to_string(),
+    };
+    let rest = rest.as_str();
     let segments: Vec<&str> = rest.split('/').collect();
-    // projects/{p}/regions/{r}/{collection}/... or projects/{p}/global/{collection}/...
+    if segments.get(2) == Some(&"aggregated") && method == Method::GET {
+        return aggregated(
+            &state,
+            segments[1],
+            segments.get(3).copied().unwrap_or_default(),
+        );
+    }
+    // projects/{p}/regions/{r}/{collection}/..., .../zones/{z}/... or projects/{p}/global/...
     let scope_len = match segments.get(2) {
-        Some(&"regions") => 4,
+        Some(&"regions") | Some(&"zones") => 4,
         Some(&"global") => 3,
         _ => return error(404, "notFound", "unknown scope"),
     };
@@ -223,7 +251,8 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Fu
         return reply(StatusCode::OK, op.clone());
     }
 
-    let mutation = method != Method::GET;
+    // Listing endpoints is a POST that changes nothing.
+    let mutation = method != Method::GET && verb != Some("listNetworkEndpoints");
     if mutation {
         let change = format!(
             "{method} {collection}{}",
@@ -255,11 +284,7 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Fu
                 .and_then(|c| c.get(name))
             {
                 Some(r) => reply(StatusCode::OK, r.clone()),
-                None => error(
-                    404,
-                    "notFound",
-                    &format!("The resource '{}' was not found", link(name)),
-                ),
+                None => missing(&link(name)),
             }
         }
         (&Method::POST, None, None) => {
@@ -313,11 +338,7 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Fu
                 .get(&collection_path)
                 .is_some_and(|c| c.contains_key(name))
             {
-                return error(
-                    404,
-                    "notFound",
-                    &format!("The resource '{target}' was not found"),
-                );
+                return missing(&target);
             }
             let users: Vec<String> = state
                 .collections
@@ -338,6 +359,7 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Fu
                 .get_mut(&collection_path)
                 .unwrap()
                 .remove(name);
+            state.endpoints.remove(&format!("{collection_path}/{name}"));
             operation(&mut state, &segments[..scope_len], "delete", &target)
         }
         (&Method::PATCH, Some(name), None) => {
@@ -347,11 +369,7 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Fu
                 .get_mut(&collection_path)
                 .and_then(|c| c.get_mut(name))
             else {
-                return error(
-                    404,
-                    "notFound",
-                    &format!("The resource '{target}' was not found"),
-                );
+                return missing(&target);
             };
             if let (Value::Object(into), Value::Object(from)) = (resource, &body) {
                 for (k, v) in from {
@@ -361,6 +379,22 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Fu
                 }
             }
             operation(&mut state, &segments[..scope_len], "patch", &target)
+        }
+        (&Method::PUT, Some(name), None) => {
+            let target = link(name);
+            let Some(resource) = state
+                .collections
+                .get_mut(&collection_path)
+                .and_then(|c| c.get_mut(name))
+            else {
+                return missing(&target);
+            };
+            let mut replaced = body.clone();
+            for kept in ["name", "selfLink", "id", "creationTimestamp"] {
+                replaced[kept] = resource[kept].clone();
+            }
+            *resource = replaced;
+            operation(&mut state, &segments[..scope_len], "update", &target)
         }
         (&Method::POST, Some(name), Some(verb)) if collection == "targetPools" => {
             let target = link(name);
@@ -392,11 +426,7 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Fu
                 .get_mut(&collection_path)
                 .and_then(|c| c.get_mut(name))
             else {
-                return error(
-                    404,
-                    "notFound",
-                    &format!("The resource '{target}' was not found"),
-                );
+                return missing(&target);
             };
             let mut current: Vec<String> = pool[field]
                 .as_array()
@@ -414,19 +444,117 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Fu
             pool[field] = json!(current);
             operation(&mut state, &segments[..scope_len], verb, &target)
         }
+        (&Method::POST, Some(name), Some(verb)) if collection == "networkEndpointGroups" => {
+            let target = link(name);
+            let key = format!("{collection_path}/{name}");
+            if !state
+                .collections
+                .get(&collection_path)
+                .is_some_and(|c| c.contains_key(name))
+            {
+                return missing(&target);
+            }
+            let given: Vec<Value> = body["networkEndpoints"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let current = state.endpoints.entry(key).or_default();
+            match verb {
+                "listNetworkEndpoints" => {
+                    let items: Vec<Value> = current
+                        .iter()
+                        .map(|e| json!({"networkEndpoint": e, "healths": []}))
+                        .collect();
+                    return reply(StatusCode::OK, json!({"items": items}));
+                }
+                "attachNetworkEndpoints" => {
+                    for e in given {
+                        if !current.contains(&e) {
+                            current.push(e);
+                        }
+                    }
+                }
+                "detachNetworkEndpoints" => current.retain(|e| !given.contains(e)),
+                _ => return error(400, "invalid", &format!("unknown verb {verb}")),
+            }
+            operation(&mut state, &segments[..scope_len], verb, &target)
+        }
+        (&Method::POST, Some(name), Some(verb))
+            if matches!(verb, "setUrlMap" | "setSslCertificates" | "setTarget") =>
+        {
+            let target = link(name);
+            let field = match verb {
+                "setUrlMap" => "urlMap",
+                "setSslCertificates" => "sslCertificates",
+                _ => "target",
+            };
+            let value = body[field].clone();
+            let probe = json!({ field: value.clone() });
+            if let Some(missing) = references(&probe).iter().find(|l| !exists(&state, l)) {
+                return error(
+                    400,
+                    "invalid",
+                    &format!("The resource '{missing}' was not found"),
+                );
+            }
+            let Some(resource) = state
+                .collections
+                .get_mut(&collection_path)
+                .and_then(|c| c.get_mut(name))
+            else {
+                return missing(&target);
+            };
+            resource[field] = value;
+            operation(&mut state, &segments[..scope_len], verb, &target)
+        }
         _ => error(400, "invalid", &format!("{method} {rest} is not served")),
     }
+}
+
+/// `GET projects/{p}/aggregated/{collection}`: the collection in every zone and region.
+fn aggregated(state: &State, project: &str, collection: &str) -> Response<Full<Bytes>> {
+    let mut items = serde_json::Map::new();
+    let prefix = format!("projects/{project}/");
+    for (path, resources) in &state.collections {
+        let Some(scope) = path
+            .strip_prefix(&prefix)
+            .and_then(|p| p.strip_suffix(&format!("/{collection}")))
+        else {
+            continue;
+        };
+        items.insert(
+            scope.to_string(),
+            json!({ collection: resources.values().cloned().collect::<Vec<_>>() }),
+        );
+    }
+    reply(StatusCode::OK, json!({"items": items}))
 }
 
 /// The links to other Compute resources a resource holds (its own `selfLink` aside).
 fn references(resource: &Value) -> Vec<String> {
     let mut links = Vec::new();
-    if let Some(t) = resource["target"].as_str() {
-        links.push(t.to_string());
+    let mut one = |v: &Value| {
+        if let Some(l) = v.as_str() {
+            links.push(l.to_string());
+        }
+    };
+    for field in ["target", "urlMap", "defaultService"] {
+        one(&resource[field]);
     }
-    for h in resource["healthChecks"].as_array().into_iter().flatten() {
-        if let Some(h) = h.as_str() {
-            links.push(h.to_string());
+    for field in ["healthChecks", "sslCertificates"] {
+        resource[field]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .for_each(&mut one);
+    }
+    for b in resource["backends"].as_array().into_iter().flatten() {
+        one(&b["group"]);
+    }
+    for m in resource["pathMatchers"].as_array().into_iter().flatten() {
+        one(&m["defaultService"]);
+        for r in m["pathRules"].as_array().into_iter().flatten() {
+            one(&r["service"]);
         }
     }
     links

@@ -50,6 +50,7 @@ struct Clients {
 
 pub struct GcpProvider {
     clients: OnceCell<Clients>,
+    l7: OnceCell<application_resources::L7Clients>,
     settings: GcpSettings,
     operation_timeout: std::time::Duration,
 }
@@ -114,6 +115,8 @@ macro_rules! global {
     }};
 }
 
+mod application_resources;
+
 /// A read of one resource of this project (`$call` names it), 404 as absent.
 macro_rules! read {
     ($self:ident, $client:ident, $what:expr, $call:expr) => {{
@@ -154,6 +157,7 @@ impl GcpProvider {
     pub fn new(settings: GcpSettings) -> Self {
         GcpProvider {
             clients: OnceCell::new(),
+            l7: OnceCell::new(),
             settings,
             operation_timeout: crate::operation::WAIT,
         }
@@ -176,6 +180,12 @@ impl GcpProvider {
                     firewalls: client!(Firewalls, self.settings),
                 })
             })
+            .await
+    }
+
+    async fn l7(&self) -> Result<&application_resources::L7Clients, ProviderError> {
+        self.l7
+            .get_or_try_init(|| application_resources::L7Clients::build(&self.settings))
             .await
     }
 
@@ -712,10 +722,7 @@ impl Provider for GcpProvider {
     async fn ensure(&self, spec: &LoadBalancerSpec) -> Result<LoadBalancerStatus, ProviderError> {
         match &spec.frontend {
             Frontend::Network(frontend) => self.ensure_network(spec, frontend).await,
-            Frontend::Application(_) => Err(ProviderError::Invalid(
-                "external Application load balancers (Ingresses) are not provided on GCP yet"
-                    .into(),
-            )),
+            Frontend::Application(frontend) => self.ensure_application(spec, frontend).await,
         }
     }
 
@@ -723,17 +730,24 @@ impl Provider for GcpProvider {
         &self,
         name: &LoadBalancerName,
     ) -> Result<Option<ObservedLoadBalancer>, ProviderError> {
-        let Some(pool) = self.get_target_pool(&names::base(name)).await? else {
-            return Ok(None);
-        };
-        let Some(owner) = names::owner_from(pool.description.as_deref()) else {
-            return Ok(None);
-        };
-        Ok(Some(ObservedLoadBalancer {
-            name: name.clone(),
-            owner,
-            status: self.observed_status(name).await?,
-        }))
+        if let Some(pool) = self.get_target_pool(&names::base(name)).await? {
+            return Ok(match names::owner_from(pool.description.as_deref()) {
+                Some(owner) => Some(ObservedLoadBalancer {
+                    name: name.clone(),
+                    owner,
+                    status: self.observed_status(name).await?,
+                }),
+                None => None,
+            });
+        }
+        match self.url_map_owner(name).await? {
+            Some(Some(owner)) => Ok(Some(ObservedLoadBalancer {
+                name: name.clone(),
+                owner,
+                status: self.observed_application(name).await?,
+            })),
+            _ => Ok(None),
+        }
     }
 
     async fn delete(
@@ -783,6 +797,8 @@ impl Provider for GcpProvider {
                 .set_region(&self.settings.region)
                 .set_address(&base))?;
         }
+        // An Ingress's load balancer has the same base name; its parts are global.
+        self.delete_application(name, owner).await?;
         tracing::info!(lb = %name, "deleted load balancer");
         Ok(())
     }
@@ -813,6 +829,22 @@ impl Provider for GcpProvider {
             }
         }
         let mut owned = Vec::new();
+        for (map, owner) in self.url_map_owners().await? {
+            // Redirect maps (`<lb>-redirect`) are not load balancers of their own.
+            if map.ends_with("-redirect") {
+                continue;
+            }
+            let (Some(owner), Ok(name)) = (owner, LoadBalancerName::try_from(map)) else {
+                continue;
+            };
+            if owner.cluster_id == cluster_id {
+                owned.push(ObservedLoadBalancer {
+                    status: self.observed_application(&name).await?,
+                    name,
+                    owner,
+                });
+            }
+        }
         for pool in pools {
             let Some(owner) = names::owner_from(pool.description.as_deref()) else {
                 continue;
