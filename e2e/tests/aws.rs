@@ -1,15 +1,18 @@
 //! The operator with the AWS provider, installed with the chart (a ProviderConfig for aws
 //! pointed at moto on loopback): a Service of type LoadBalancer gets the DNS name moto reports
 //! for its network load balancer, an Ingress the one of its application load balancer (HTTPS
-//! with an ACM certificate named by annotation), and deleting either deletes its load balancer.
+//! with an ACM certificate named by annotation and a TLS Secret imported into ACM), and
+//! deleting either deletes its load balancer (and the import).
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 use portico_aws::moto::Moto;
 use portico_e2e::agent::ECHO_IMAGE;
-use portico_e2e::testkit::{NS, cluster_with_portico, create, deployment, eventually, service};
+use portico_e2e::testkit::{
+    NS, TestCa, cluster_with_portico, create, deployment, eventually, service,
+};
 use portico_provider::LoadBalancerName;
 use serde_json::json;
 
@@ -75,8 +78,17 @@ async fn services_and_ingresses_on_the_aws_provider_carry_the_hostnames_moto_rep
         [Some(80)]
     );
 
-    // An Ingress to the same Service: an ALB with HTTP and HTTPS listeners.
+    // An Ingress to the same Service: an ALB with HTTP and HTTPS listeners, serving a
+    // certificate already in ACM and one from a TLS Secret, which is imported.
     let certificate = moto.request_certificate("shop.example.com").await;
+    let (chain, key) = TestCa::default().issue(&["blog.example.com"], "blog");
+    let blog_tls: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "blog-tls"},
+        "type": "kubernetes.io/tls",
+        "stringData": {"tls.crt": chain, "tls.key": key},
+    }))
+    .unwrap();
+    create(&client, &blog_tls).await;
     let shop: Ingress = serde_json::from_value(json!({
         "metadata": {"name": "shop", "annotations": {"lb.portico.dev/certificates": certificate}},
         "spec": {
@@ -85,7 +97,10 @@ async fn services_and_ingresses_on_the_aws_provider_carry_the_hostnames_moto_rep
                 "path": "/", "pathType": "Prefix",
                 "backend": {"service": {"name": "web", "port": {"number": 80}}},
             }]}}],
-            "tls": [{"hosts": ["shop.example.com"]}],
+            "tls": [
+                {"hosts": ["shop.example.com"]},
+                {"hosts": ["blog.example.com"], "secretName": "blog-tls"},
+            ],
         },
     }))
     .unwrap();
@@ -127,6 +142,40 @@ async fn services_and_ingresses_on_the_aws_provider_carry_the_hostnames_moto_rep
         served,
         [(Some(80), Some("HTTP")), (Some(443), Some("HTTPS"))]
     );
+    let acm = moto.acm_client();
+    let in_acm = || async {
+        let out = acm.list_certificates().send().await.unwrap();
+        let mut arns: Vec<String> = out
+            .certificate_summary_list()
+            .iter()
+            .filter_map(|c| c.certificate_arn().map(String::from))
+            .collect();
+        arns.sort();
+        arns
+    };
+    assert_eq!(
+        in_acm().await.len(),
+        2,
+        "the Secret was imported next to the requested one"
+    );
+    let https = listeners
+        .listeners()
+        .iter()
+        .find(|l| l.port() == Some(443))
+        .unwrap();
+    let on_listener = elb
+        .describe_listener_certificates()
+        .listener_arn(https.listener_arn().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let mut on_listener: Vec<String> = on_listener
+        .certificates()
+        .iter()
+        .filter_map(|c| c.certificate_arn().map(String::from))
+        .collect();
+    on_listener.sort();
+    assert_eq!(on_listener, in_acm().await, "both are served");
     ingresses
         .delete("shop", &DeleteParams::default())
         .await
@@ -147,6 +196,11 @@ async fn services_and_ingresses_on_the_aws_provider_carry_the_hostnames_moto_rep
             .await
             .is_err(),
         "moto no longer has the ALB"
+    );
+    assert_eq!(
+        in_acm().await,
+        std::slice::from_ref(&certificate),
+        "the import went with the Ingress; the user's certificate stays"
     );
 
     services

@@ -107,8 +107,8 @@ pub fn plan(
             if certificates.is_empty() {
                 problems.push(
                     "an ALB serves certificates from ACM: name them by ARN (annotation \
-                     lb.portico.dev/certificates or the FrontendPolicy's tls.certificates); \
-                     certificates from Secrets are not uploaded"
+                     lb.portico.dev/certificates or the FrontendPolicy's tls.certificates), or \
+                     let the provider import the TLS Secrets (it needs ACM access)"
                         .into(),
                 );
             }

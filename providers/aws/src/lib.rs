@@ -7,6 +7,7 @@
 //! what differs, and maps AWS errors onto the reconciler's ([`error`]).
 
 pub mod application;
+pub mod certificates;
 pub mod error;
 pub mod moto;
 pub mod network;

@@ -88,6 +88,19 @@ impl Moto {
         Client::from_conf(config)
     }
 
+    /// An ACM client of this server.
+    pub fn acm_client(&self) -> aws_sdk_acm::Client {
+        let config = aws_sdk_acm::Config::builder()
+            .behavior_version(aws_sdk_acm::config::BehaviorVersion::latest())
+            .region(aws_sdk_acm::config::Region::new("us-east-1"))
+            .endpoint_url(self.url())
+            .credentials_provider(aws_sdk_acm::config::Credentials::new(
+                "test", "test", None, None, "moto",
+            ))
+            .build();
+        aws_sdk_acm::Client::from_conf(config)
+    }
+
     /// A client like [`Moto::client`] that also records the name of every operation it calls,
     /// so a test can tell what a reconcile changed (or that it changed nothing).
     pub fn recording_client(&self) -> (Client, Calls) {

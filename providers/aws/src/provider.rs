@@ -22,6 +22,7 @@ use crate::network::{self, ListenerPlan, NetworkPlan, TargetGroupPlan};
 use crate::{application, tags};
 
 mod application_listeners;
+mod imported_certificates;
 
 /// The plan's health check on a CreateTargetGroup or ModifyTargetGroup request (two builder
 /// types with the same setters).
@@ -59,8 +60,11 @@ pub struct AwsSettings {
 
 pub struct AwsProvider {
     client: OnceCell<Client>,
-    /// Region and endpoint for a client made on first use.
+    /// ACM, where TLS Secrets are imported for ALBs; `None` when not configured.
+    acm: OnceCell<Option<aws_sdk_acm::Client>>,
+    /// Region and endpoint for clients made on first use.
     chain: Option<(String, Option<String>)>,
+    sdk_config: OnceCell<aws_config::SdkConfig>,
     settings: AwsSettings,
 }
 
@@ -68,9 +72,18 @@ impl AwsProvider {
     pub fn new(client: Client, settings: AwsSettings) -> Self {
         AwsProvider {
             client: OnceCell::new_with(Some(client)),
+            acm: OnceCell::new_with(Some(None)),
             chain: None,
+            sdk_config: OnceCell::new(),
             settings,
         }
+    }
+
+    /// Imports TLS Secrets into ACM through `acm` (without it, ALBs serve ACM certificates
+    /// named by ARN only).
+    pub fn with_acm(mut self, acm: aws_sdk_acm::Client) -> Self {
+        self.acm = OnceCell::new_with(Some(Some(acm)));
+        self
     }
 
     /// A provider whose client comes from the standard AWS chain (environment, profile, IRSA,
@@ -80,13 +93,15 @@ impl AwsProvider {
     pub fn from_chain(region: &str, endpoint_url: Option<&str>, settings: AwsSettings) -> Self {
         AwsProvider {
             client: OnceCell::new(),
+            acm: OnceCell::new(),
             chain: Some((region.to_string(), endpoint_url.map(String::from))),
+            sdk_config: OnceCell::new(),
             settings,
         }
     }
 
-    async fn elb(&self) -> &Client {
-        self.client
+    async fn sdk_config(&self) -> &aws_config::SdkConfig {
+        self.sdk_config
             .get_or_init(|| async {
                 let (region, endpoint) = self.chain.clone().unwrap_or_default();
                 let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -94,9 +109,46 @@ impl AwsProvider {
                 if let Some(url) = endpoint {
                     loader = loader.endpoint_url(url);
                 }
-                Client::new(&loader.load().await)
+                loader.load().await
             })
             .await
+    }
+
+    async fn elb(&self) -> &Client {
+        self.client
+            .get_or_init(|| async { Client::new(self.sdk_config().await) })
+            .await
+    }
+
+    async fn acm(&self) -> Option<&aws_sdk_acm::Client> {
+        self.acm
+            .get_or_init(|| async { Some(aws_sdk_acm::Client::new(self.sdk_config().await)) })
+            .await
+            .as_ref()
+    }
+
+    /// The certificates the HTTPS listeners of `lb_arn` serve.
+    async fn served_certificates(&self, lb_arn: &str) -> Result<Vec<String>, ProviderError> {
+        let mut arns = Vec::new();
+        for listener in self.listeners_of(lb_arn).await? {
+            if listener.protocol() != Some(&ProtocolEnum::Https) {
+                continue;
+            }
+            let out = self
+                .elb()
+                .await
+                .describe_listener_certificates()
+                .listener_arn(listener.listener_arn().unwrap_or_default())
+                .send()
+                .await
+                .map_err(|e| from_sdk("reading listener certificates", e))?;
+            arns.extend(
+                out.certificates()
+                    .iter()
+                    .filter_map(|c| c.certificate_arn().map(String::from)),
+            );
+        }
+        Ok(arns)
     }
 
     fn all_tags(&self, owner: &Ownership, lb: &LoadBalancerName) -> Vec<Tag> {
@@ -570,11 +622,19 @@ impl AwsProvider {
         spec: &LoadBalancerSpec,
         frontend: &ApplicationFrontend,
     ) -> Result<LoadBalancerStatus, ProviderError> {
-        let plan = application::plan(&spec.name, frontend).map_err(ProviderError::Invalid)?;
+        // Checked before anything is created or imported; TLS Secrets count as imported.
+        if self.acm().await.is_some() {
+            let pending =
+                imported_certificates::with_references(frontend, |n| format!("import:{n}"));
+            application::plan(&spec.name, &pending).map_err(ProviderError::Invalid)?;
+        }
         let lb = self
             .load_balancer(spec, LoadBalancerTypeEnum::Application)
             .await?;
         let lb_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
+        let served = self.served_certificates(&lb_arn).await?;
+        let (frontend, unused_imports) = self.import_certificates(spec, frontend, &served).await?;
+        let plan = application::plan(&spec.name, &frontend).map_err(ProviderError::Invalid)?;
         let mut groups = HashMap::new();
         for (backend, target_group) in &plan.target_groups {
             groups.insert(
@@ -584,6 +644,8 @@ impl AwsProvider {
         }
         self.ensure_application_listeners(&lb_arn, &plan, &groups)
             .await?;
+        // No listener serves them any more.
+        self.delete_imports(&unused_imports).await?;
         let ports = std::iter::once(plan.http_port)
             .chain(plan.https.as_ref().map(|h| h.port))
             .map(|port| PortStatus {
@@ -722,7 +784,12 @@ impl Provider for AwsProvider {
         name: &LoadBalancerName,
         owner: &Ownership,
     ) -> Result<(), ProviderError> {
-        if let Some(lb) = self.find_load_balancer(name).await? {
+        let lb = self.find_load_balancer(name).await?;
+        // Only an application load balancer (or one already gone) may have imports.
+        let may_have_imports = lb
+            .as_ref()
+            .is_none_or(|lb| lb.r#type() == Some(&LoadBalancerTypeEnum::Application));
+        if let Some(lb) = lb {
             match self.owner_of(&lb).await? {
                 Some(found) if found.same_owner(owner) => {}
                 other => return Err(tags::not_owned(name.as_str(), other)),
@@ -745,6 +812,9 @@ impl Provider for AwsProvider {
         // balancer still uses them.
         for tg in self.own_target_groups(name, owner).await? {
             self.delete_target_group(&tg).await?;
+        }
+        if may_have_imports {
+            self.delete_all_imports(owner).await?;
         }
         Ok(())
     }
