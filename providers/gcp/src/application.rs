@@ -2,7 +2,8 @@
 //! balancer wants it, computed by pure code: per backend a health check, a backend service
 //! and a zonal network endpoint group per zone (the nodes, as `instance, IP, node port`); a
 //! URL map that reproduces Ingress v1 routing; certificates from the Secrets, named by their
-//! content so a rotation is a new certificate swapped in; a firewall rule that lets Google's
+//! content so a rotation is a new certificate swapped in, and an SSL policy for the lowest TLS
+//! version; a firewall rule that lets Google's
 //! front ends and health checkers reach the node ports.
 //!
 //! Routing: a host is a host rule (`*.example.com` as is; GCE's wildcard also matches deeper
@@ -43,6 +44,10 @@ pub struct HttpsPlan {
     pub certificates: Vec<CertificatePlan>,
     /// Certificates the project already holds, by name (never created or deleted here).
     pub pre_shared: Vec<String>,
+    /// The SSL policy's `minTlsVersion` (`TLS_1_2` or `TLS_1_3`) and `profile` (GCE takes
+    /// TLS 1.3 as the minimum only with `RESTRICTED`).
+    pub min_tls_version: &'static str,
+    pub ssl_profile: &'static str,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -181,6 +186,14 @@ pub fn plan(
             port: https.port,
             certificates,
             pre_shared,
+            min_tls_version: match https.min_tls_version {
+                portico_provider::TlsVersion::Tls12 => "TLS_1_2",
+                portico_provider::TlsVersion::Tls13 => "TLS_1_3",
+            },
+            ssl_profile: match https.min_tls_version {
+                portico_provider::TlsVersion::Tls12 => "MODERN",
+                portico_provider::TlsVersion::Tls13 => "RESTRICTED",
+            },
         }
     });
     if !problems.is_empty() {
@@ -606,6 +619,10 @@ mod tests {
         });
         let first = plan(&lb(), &f, &[]).unwrap().https.unwrap();
         assert_eq!(first.pre_shared, ["shop-cert"]);
+        assert_eq!(
+            (first.min_tls_version, first.ssl_profile),
+            ("TLS_1_2", "MODERN")
+        );
         assert_eq!(
             first.certificates[0].name,
             hashed_name(

@@ -166,6 +166,20 @@ fn error(status: u16, reason: &str, message: &str) -> Response<Full<Bytes>> {
     )
 }
 
+/// The API's refusal of a resource it would not take, beyond missing references.
+fn invalid(collection: &str, resource: &Value) -> Option<Response<Full<Bytes>>> {
+    (collection == "sslPolicies"
+        && resource["minTlsVersion"] == "TLS_1_3"
+        && resource["profile"] != "RESTRICTED")
+        .then(|| {
+            error(
+                400,
+                "invalid",
+                "When minTlsVersion is TLS_1_3, the profile must be RESTRICTED",
+            )
+        })
+}
+
 /// The API's 404 for the resource at `link`.
 fn missing(link: &str) -> Response<Full<Bytes>> {
     error(
@@ -302,6 +316,9 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Fu
                     &format!("The resource '{}' already exists", link(&name)),
                 );
             }
+            if let Some(refused) = invalid(collection, &body) {
+                return refused;
+            }
             let mut resource = body.clone();
             for reference in references(&resource) {
                 if !exists(&state, &reference) {
@@ -371,6 +388,13 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Fu
             else {
                 return missing(&target);
             };
+            let mut merged = resource.clone();
+            if let (Value::Object(into), Value::Object(from)) = (&mut merged, &body) {
+                into.extend(from.clone());
+            }
+            if let Some(refused) = invalid(collection, &merged) {
+                return refused;
+            }
             if let (Value::Object(into), Value::Object(from)) = (resource, &body) {
                 for (k, v) in from {
                     if !matches!(k.as_str(), "name" | "selfLink" | "id") {
@@ -480,12 +504,16 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Response<Fu
             operation(&mut state, &segments[..scope_len], verb, &target)
         }
         (&Method::POST, Some(name), Some(verb))
-            if matches!(verb, "setUrlMap" | "setSslCertificates" | "setTarget") =>
+            if matches!(
+                verb,
+                "setUrlMap" | "setSslCertificates" | "setSslPolicy" | "setTarget"
+            ) =>
         {
             let target = link(name);
             let field = match verb {
                 "setUrlMap" => "urlMap",
                 "setSslCertificates" => "sslCertificates",
+                "setSslPolicy" => "sslPolicy",
                 _ => "target",
             };
             let value = body[field].clone();
@@ -538,7 +566,7 @@ fn references(resource: &Value) -> Vec<String> {
             links.push(l.to_string());
         }
     };
-    for field in ["target", "urlMap", "defaultService"] {
+    for field in ["target", "urlMap", "defaultService", "sslPolicy"] {
         one(&resource[field]);
     }
     for field in ["healthChecks", "sslCertificates"] {

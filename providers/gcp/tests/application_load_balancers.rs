@@ -253,11 +253,15 @@ async fn certificates_rotate_by_swapping_and_plain_http_can_redirect() {
     assert_eq!(v1.len(), 1);
     let proxy = global(&fake, "targetHttpsProxies", lb).unwrap();
     assert!(ends(&proxy["sslCertificates"][0], &v1[0]));
+    assert!(ends(&proxy["sslPolicy"], &format!("/sslPolicies/{lb}")));
+    let policy = global(&fake, "sslPolicies", lb).unwrap();
+    assert_eq!(policy["minTlsVersion"], "TLS_1_2");
     assert!(global(&fake, "forwardingRules", &format!("{lb}-https")).is_some());
 
     // Rotation: a new certificate, swapped in, the old one deleted; HTTP now redirects.
     let a = app(&mut spec);
     a.https.as_mut().unwrap().certificates = vec![pem("v2")];
+    a.https.as_mut().unwrap().min_tls_version = TlsVersion::Tls13;
     a.redirect_to_https = true;
     gcp.ensure(&spec).await.unwrap();
     let v2 = fake.names(PROJECT, "global/sslCertificates");
@@ -265,6 +269,11 @@ async fn certificates_rotate_by_swapping_and_plain_http_can_redirect() {
     assert_ne!(v2, v1);
     let proxy = global(&fake, "targetHttpsProxies", lb).unwrap();
     assert!(ends(&proxy["sslCertificates"][0], &v2[0]));
+    assert_eq!(
+        global(&fake, "sslPolicies", lb).unwrap()["minTlsVersion"],
+        "TLS_1_3",
+        "the lowest TLS version follows the policy"
+    );
     let http = global(&fake, "targetHttpProxies", lb).unwrap();
     assert!(ends(&http["urlMap"], &format!("/urlMaps/{lb}-redirect")));
     let redirect = global(&fake, "urlMaps", &format!("{lb}-redirect")).unwrap();
@@ -277,6 +286,7 @@ async fn certificates_rotate_by_swapping_and_plain_http_can_redirect() {
     gcp.ensure(&spec).await.unwrap();
     assert!(fake.names(PROJECT, "global/sslCertificates").is_empty());
     assert!(global(&fake, "targetHttpsProxies", lb).is_none());
+    assert!(global(&fake, "sslPolicies", lb).is_none());
     assert!(global(&fake, "urlMaps", &format!("{lb}-redirect")).is_none());
     let http = global(&fake, "targetHttpProxies", lb).unwrap();
     assert!(ends(&http["urlMap"], &format!("/urlMaps/{lb}")));

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use google_cloud_compute_v1::client::{
     BackendServices, GlobalAddresses, GlobalForwardingRules, HealthChecks, NetworkEndpointGroups,
-    SslCertificates, TargetHttpProxies, TargetHttpsProxies, UrlMaps,
+    SslCertificates, SslPolicies, TargetHttpProxies, TargetHttpsProxies, UrlMaps,
 };
 use google_cloud_compute_v1::model::{
     self, Address as GceAddress, BackendService, ForwardingRule, HealthCheck, HostRule,
@@ -66,6 +66,7 @@ pub(super) struct L7Clients {
     http_proxies: TargetHttpProxies,
     https_proxies: TargetHttpsProxies,
     certificates: SslCertificates,
+    ssl_policies: SslPolicies,
     forwarding_rules: GlobalForwardingRules,
 }
 
@@ -80,6 +81,7 @@ impl L7Clients {
             http_proxies: client!(TargetHttpProxies, settings),
             https_proxies: client!(TargetHttpsProxies, settings),
             certificates: client!(SslCertificates, settings),
+            ssl_policies: client!(SslPolicies, settings),
             forwarding_rules: client!(GlobalForwardingRules, settings),
         })
     }
@@ -680,6 +682,7 @@ impl GcpProvider {
             .map(|n| self.global("sslCertificates", n))
             .collect();
         let name = names::base(&spec.name);
+        let policy = self.ensure_ssl_policy(spec, https).await?;
         let existing = global_read!(
             self,
             https_proxies,
@@ -694,6 +697,7 @@ impl GcpProvider {
                 body.description = Some(names::description(owner));
                 body.url_map = Some(map.to_string());
                 body.ssl_certificates = wanted.clone();
+                body.ssl_policy = Some(policy.clone());
                 global_call!(
                     self,
                     https_proxies,
@@ -722,6 +726,19 @@ impl GcpProvider {
                         .cloned()
                         .collect();
                 }
+                if existing.ssl_policy.as_deref() != Some(policy.as_str()) {
+                    let mut reference = model::SslPolicyReference::default();
+                    reference.ssl_policy = Some(policy.clone());
+                    global_call!(
+                        self,
+                        https_proxies,
+                        "setting the HTTPS proxy's SSL policy",
+                        |c: &TargetHttpsProxies| c
+                            .set_ssl_policy()
+                            .set_target_https_proxy(&name)
+                            .set_body(reference.clone())
+                    )?;
+                }
                 if existing.url_map.as_deref() != Some(map) {
                     let mut reference = UrlMapReference::default();
                     reference.url_map = Some(map.to_string());
@@ -743,6 +760,51 @@ impl GcpProvider {
                 .await?;
         }
         Ok(self.global("targetHttpsProxies", &name))
+    }
+
+    /// The SSL policy `<lb>` with the plan's lowest TLS version; returns its link.
+    async fn ensure_ssl_policy(
+        &self,
+        spec: &LoadBalancerSpec,
+        https: &application::HttpsPlan,
+    ) -> Result<String, ProviderError> {
+        let name = names::base(&spec.name);
+        let mut body = model::SslPolicy::default();
+        body.name = Some(name.clone());
+        body.description = Some(names::description(&spec.owner));
+        body.profile = Some(model::ssl_policy::Profile::from(https.ssl_profile));
+        body.min_tls_version = Some(model::ssl_policy::MinTlsVersion::from(
+            https.min_tls_version,
+        ));
+        let existing = global_read!(
+            self,
+            ssl_policies,
+            "reading the SSL policy",
+            |c: &SslPolicies| c.get().set_ssl_policy(&name)
+        )?;
+        match existing {
+            None => global_call!(
+                self,
+                ssl_policies,
+                "creating the SSL policy",
+                |c: &SslPolicies| c.insert().set_body(body.clone())
+            )?,
+            Some(existing) => {
+                ours(&name, existing.description.as_deref(), &spec.owner)?;
+                if existing.min_tls_version != body.min_tls_version
+                    || existing.profile != body.profile
+                {
+                    body.fingerprint = existing.fingerprint.clone();
+                    global_call!(
+                        self,
+                        ssl_policies,
+                        "updating the SSL policy",
+                        |c: &SslPolicies| c.patch().set_ssl_policy(&name).set_body(body.clone())
+                    )?;
+                }
+            }
+        }
+        Ok(self.global("sslPolicies", &name))
     }
 
     async fn ensure_global_rule(
@@ -825,6 +887,21 @@ impl GcpProvider {
                 https_proxies,
                 "deleting the HTTPS proxy",
                 |c: &TargetHttpsProxies| c.delete().set_target_https_proxy(&name)
+            )?;
+        }
+        let policy = global_read!(
+            self,
+            ssl_policies,
+            "reading the SSL policy",
+            |c: &SslPolicies| c.get().set_ssl_policy(&name)
+        )?;
+        if let Some(policy) = policy {
+            ours(&name, policy.description.as_deref(), owner)?;
+            global_call!(
+                self,
+                ssl_policies,
+                "deleting the SSL policy",
+                |c: &SslPolicies| c.delete().set_ssl_policy(&name)
             )?;
         }
         // Also those a reconcile created and was killed before attaching.
