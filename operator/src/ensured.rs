@@ -54,6 +54,7 @@ mod tests {
                 object_ref: "Service/a/b".into(),
             },
             requested_address: None,
+            requested_address_name: None,
             source_ranges: Vec::new(),
             frontend: Frontend::Network(NetworkFrontend {
                 listeners: Vec::with_capacity(port_count),

@@ -25,6 +25,10 @@ pub const AFFINITY_COOKIE_TTL: &str = "lb.portico.dev/affinity-cookie-ttl-second
 /// `"true"` answers plain HTTP with a redirect to HTTPS.
 pub const SSL_REDIRECT: &str = "lb.portico.dev/ssl-redirect";
 pub const BACKEND_TIMEOUT: &str = "lb.portico.dev/backend-timeout-seconds";
+/// The name of an address the cloud holds (a GCP global address) to serve on.
+pub const STATIC_ADDRESS: &str = "lb.portico.dev/static-address-name";
+/// GKE's name for the same, honoured so Ingresses move over unchanged.
+pub const GKE_STATIC_ADDRESS: &str = "kubernetes.io/ingress.global-static-ip-name";
 /// Comma-separated ids of certificates the cloud holds (ACM ARNs on AWS), served with the TLS
 /// Secrets (or instead of them, on a cloud that takes no PEM).
 pub const CERTIFICATES: &str = "lb.portico.dev/certificates";
@@ -311,6 +315,13 @@ pub fn desired_load_balancer(
         problems.push("the Ingress has neither rules nor a default backend".into());
     }
 
+    let requested_address_name = reader
+        .raw(STATIC_ADDRESS)
+        .or_else(|| reader.raw(GKE_STATIC_ADDRESS))
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(String::from);
+
     problems.append(&mut reader.problems);
     if !problems.is_empty() {
         return Err(InvalidIngress { problems });
@@ -319,6 +330,7 @@ pub fn desired_load_balancer(
         name: load_balancer_name(ingress),
         owner: ownership(cluster_id, ingress),
         requested_address: None,
+        requested_address_name,
         source_ranges,
         frontend: Frontend::Application(ApplicationFrontend {
             http_port: 80,
@@ -548,6 +560,31 @@ mod tests {
             .collect();
         assert_eq!(ids, [arn("b"), arn("c"), arn("a")]);
         assert_eq!(https.min_tls_version, portico_provider::TlsVersion::Tls12);
+    }
+
+    #[test]
+    fn a_static_address_is_asked_for_by_name_with_portico_or_gke_annotations() {
+        for key in [STATIC_ADDRESS, GKE_STATIC_ADDRESS] {
+            let mut ing = two_hosts();
+            ing.metadata.annotations = Some([(key.to_string(), " shop-ip ".to_string())].into());
+            let lb =
+                desired_load_balancer("c", &ing, &referenced(), &nodes(), &Attached::default())
+                    .unwrap();
+            assert_eq!(
+                lb.requested_address_name.as_deref(),
+                Some("shop-ip"),
+                "{key}"
+            );
+        }
+        let lb = desired_load_balancer(
+            "c",
+            &two_hosts(),
+            &referenced(),
+            &nodes(),
+            &Attached::default(),
+        )
+        .unwrap();
+        assert_eq!(lb.requested_address_name, None);
     }
 
     #[test]

@@ -182,6 +182,7 @@ pub fn desired_load_balancer(
         name: load_balancer_name(svc),
         owner: ownership(cluster_id, svc),
         requested_address,
+        requested_address_name: None,
         source_ranges,
         frontend: Frontend::Network(NetworkFrontend { listeners }),
     })

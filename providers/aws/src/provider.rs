@@ -744,6 +744,11 @@ impl Provider for AwsProvider {
     }
 
     async fn ensure(&self, spec: &LoadBalancerSpec) -> Result<LoadBalancerStatus, ProviderError> {
+        if let Some(name) = &spec.requested_address_name {
+            return Err(ProviderError::Invalid(format!(
+                "a named address ({name:?}) is a GCP notion; AWS load balancers here take none"
+            )));
+        }
         if !spec.source_ranges.is_empty() {
             // Enforcing them means security-group rules, and so the EC2 API, which this build
             // leaves out; serving everyone instead would be a silent hole.

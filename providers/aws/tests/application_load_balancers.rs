@@ -60,6 +60,7 @@ fn shop(uid: &str) -> LoadBalancerSpec {
         name: LoadBalancerName::for_object_uid(uid),
         owner: owner(uid),
         requested_address: None,
+        requested_address_name: None,
         source_ranges: vec![],
         frontend: Frontend::Application(ApplicationFrontend {
             http_port: 80,

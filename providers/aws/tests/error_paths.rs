@@ -25,6 +25,7 @@ fn spec() -> LoadBalancerSpec {
             object_ref: "Service/default/web".into(),
         },
         requested_address: None,
+        requested_address_name: None,
         source_ranges: vec![],
         frontend: Frontend::Network(NetworkFrontend { listeners: vec![] }),
     }

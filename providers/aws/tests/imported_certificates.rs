@@ -32,6 +32,7 @@ fn shop(certificates: Vec<Certificate>) -> LoadBalancerSpec {
             object_ref: "Ingress/default/shop".into(),
         },
         requested_address: None,
+        requested_address_name: None,
         source_ranges: vec![],
         frontend: Frontend::Application(ApplicationFrontend {
             http_port: 80,

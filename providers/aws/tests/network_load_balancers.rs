@@ -52,6 +52,7 @@ fn spec(uid: &str, owner: Ownership, listeners: Vec<Listener>) -> LoadBalancerSp
         name: LoadBalancerName::for_object_uid(uid),
         owner,
         requested_address: None,
+        requested_address_name: None,
         source_ranges: vec![],
         frontend: Frontend::Network(NetworkFrontend { listeners }),
     }

@@ -44,6 +44,10 @@ pub struct LoadBalancerSpec {
     /// [`crate::ProviderError::Invalid`] when it cannot honour it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_address: Option<IpAddr>,
+    /// An address the cloud already holds, by name (a GCP reserved address): used, never
+    /// released. Providers without named addresses refuse it as invalid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_address_name: Option<String>,
     /// Client networks allowed to connect; empty means everyone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub source_ranges: Vec<IpNet>,
@@ -390,6 +394,7 @@ mod tests {
                 object_ref: "Service/default/web".into(),
             },
             requested_address: None,
+            requested_address_name: None,
             source_ranges: vec!["10.0.0.0/8".parse().unwrap()],
             frontend: Frontend::Network(NetworkFrontend {
                 listeners: vec![Listener {

@@ -260,6 +260,19 @@ impl GcpProvider {
         if let Some(ip) = spec.requested_address {
             return Ok(ip.to_string());
         }
+        if let Some(held) = &spec.requested_address_name {
+            // The user's address: used as it is, never created or released here.
+            return self
+                .get_address(held)
+                .await?
+                .and_then(|a| a.address)
+                .ok_or_else(|| {
+                    ProviderError::Invalid(format!(
+                        "there is no address {held:?} in region {}",
+                        self.settings.region
+                    ))
+                });
+        }
         let name = names::base(&spec.name);
         if let Some(existing) = self.get_address(&name).await? {
             ours(&name, existing.description.as_deref(), &spec.owner)?;

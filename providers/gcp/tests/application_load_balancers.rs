@@ -62,6 +62,7 @@ fn shop(uid: &str) -> LoadBalancerSpec {
             object_ref: format!("Ingress/default/{uid}"),
         },
         requested_address: None,
+        requested_address_name: None,
         source_ranges: vec![],
         frontend: Frontend::Application(ApplicationFrontend {
             http_port: 80,
@@ -290,6 +291,40 @@ async fn certificates_rotate_by_swapping_and_plain_http_can_redirect() {
     assert!(global(&fake, "urlMaps", &format!("{lb}-redirect")).is_none());
     let http = global(&fake, "targetHttpProxies", lb).unwrap();
     assert!(ends(&http["urlMap"], &format!("/urlMaps/{lb}")));
+}
+
+#[tokio::test]
+async fn a_named_static_address_is_served_on_and_never_released() {
+    let fake = FakeCompute::start(0).await;
+    let gcp = GcpProvider::new(settings(&fake));
+    fake.put(
+        PROJECT,
+        "global/addresses",
+        json!({"name": "shop-ip", "address": "203.0.113.9", "description": "reserved by hand"}),
+    );
+    let mut spec = shop("8a2b-shop");
+    spec.requested_address_name = Some("shop-ip".into());
+    let status = gcp.ensure(&spec).await.unwrap();
+    assert_eq!(
+        status.addresses,
+        vec![Address::Ip("203.0.113.9".parse().unwrap())]
+    );
+    let rule = global(&fake, "forwardingRules", &format!("{}-http", spec.name)).unwrap();
+    assert_eq!(rule["IPAddress"], "203.0.113.9");
+    assert_eq!(
+        fake.names(PROJECT, "global/addresses"),
+        ["shop-ip"],
+        "none reserved"
+    );
+    gcp.delete(&spec.name, &spec.owner).await.unwrap();
+    assert_eq!(fake.count(), 1, "the user's address stays");
+
+    spec.requested_address_name = Some("missing-ip".into());
+    let e = gcp.ensure(&spec).await.unwrap_err();
+    assert!(
+        e.is_permanent() && e.to_string().contains("missing-ip"),
+        "{e}"
+    );
 }
 
 #[tokio::test]

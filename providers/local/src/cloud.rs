@@ -342,6 +342,12 @@ impl Cloud {
 
 /// Checks what the data plane relies on and returns what it is to serve.
 pub fn validate(spec: &LoadBalancerSpec) -> Result<Plan, String> {
+    if let Some(name) = &spec.requested_address_name {
+        return Err(format!(
+            "the local cloud holds no named addresses ({name:?}); ask for an IP from its pool \
+             instead"
+        ));
+    }
     let listeners = match &spec.frontend {
         Frontend::Network(network) => &network.listeners,
         Frontend::Application(app) => return validate_application(app),

@@ -160,6 +160,7 @@ mod tests {
                 object_ref: format!("Service/default/{name}"),
             },
             requested_address: None,
+            requested_address_name: None,
             source_ranges: vec!["127.90.0.0/16".parse().unwrap()],
             frontend: Frontend::Network(NetworkFrontend {
                 listeners: vec![Listener {

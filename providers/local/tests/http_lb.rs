@@ -809,6 +809,12 @@ async fn invalid_http_specs_are_rejected() {
         "\"nope\"",
     )
     .await;
+    let mut named = app_spec(
+        "named",
+        app(routes(vec![], Some("a")), vec![backend("a", &[&a])]),
+    );
+    named.requested_address_name = Some("shop-ip".into());
+    invalid(named, "named addresses").await;
     let reference = Certificate {
         name: "acm".into(),
         hosts: vec![],

@@ -185,6 +185,21 @@ impl GcpProvider {
         if let Some(ip) = spec.requested_address {
             return Ok(ip.to_string());
         }
+        if let Some(held) = &spec.requested_address_name {
+            // The user's address: used as it is, never created or released here.
+            let address = global_read!(
+                self,
+                addresses,
+                "reading the named global address",
+                |c: &GlobalAddresses| c.get().set_address(held)
+            )?;
+            return address.and_then(|a| a.address).ok_or_else(|| {
+                ProviderError::Invalid(format!(
+                    "there is no global address {held:?} in project {}",
+                    self.settings.project
+                ))
+            });
+        }
         let name = names::base(&spec.name);
         let read = || async {
             global_read!(

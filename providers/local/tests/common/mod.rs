@@ -231,6 +231,7 @@ pub fn spec(name: &str, listeners: Vec<Listener>) -> LoadBalancerSpec {
         name: name.parse().unwrap(),
         owner: owner(name),
         requested_address: None,
+        requested_address_name: None,
         source_ranges: Vec::new(),
         frontend: Frontend::Network(NetworkFrontend { listeners }),
     }

@@ -447,6 +447,7 @@ pub fn app_spec(name: &str, app: ApplicationFrontend) -> LoadBalancerSpec {
         name: name.parse().unwrap(),
         owner: owner(name),
         requested_address: None,
+        requested_address_name: None,
         source_ranges: Vec::new(),
         frontend: Frontend::Application(app),
     }
