@@ -60,12 +60,8 @@ pub struct HttpsPlan {
 /// 32 characters, a hash of the backend's name so that it stays put while other backends come
 /// and go.
 pub fn target_group_name(lb: &LoadBalancerName, backend: &str) -> String {
-    // FNV-1a: stable across Rust releases, unlike the std hasher.
-    let hash = backend.bytes().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
     let prefix: String = lb.as_str().chars().take(24).collect();
-    format!("{prefix}-{:07x}", hash & 0x0fff_ffff)
+    format!("{prefix}-{}", portico_provider::naming::short_hash(backend))
 }
 
 pub fn plan(

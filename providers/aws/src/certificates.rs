@@ -21,16 +21,10 @@ pub fn split_chain(pem: &str) -> Option<(String, Option<String>)> {
     ))
 }
 
-/// A short, stable fingerprint of a certificate and key (FNV-1a, 64 bits, hex): equal
-/// material, equal fingerprint, across Rust releases.
+/// A short, stable fingerprint of a certificate and key (64 bits, hex): equal material,
+/// equal fingerprint, across Rust releases.
 pub fn fingerprint(chain: &str, key: &str) -> String {
-    let hash = chain
-        .bytes()
-        .chain([0])
-        .chain(key.bytes())
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
+    let hash = portico_provider::naming::stable_hash(chain.bytes().chain([0]).chain(key.bytes()));
     format!("{hash:016x}")
 }
 

@@ -632,7 +632,10 @@ impl AwsProvider {
             .load_balancer(spec, LoadBalancerTypeEnum::Application)
             .await?;
         let lb_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
-        let served = self.served_certificates(&lb_arn).await?;
+        let served = match self.acm().await {
+            Some(_) => self.served_certificates(&lb_arn).await?,
+            None => Vec::new(),
+        };
         let (frontend, unused_imports) = self.import_certificates(spec, frontend, &served).await?;
         let plan = application::plan(&spec.name, &frontend).map_err(ProviderError::Invalid)?;
         let mut groups = HashMap::new();

@@ -78,9 +78,29 @@ impl fmt::Display for LoadBalancerName {
     }
 }
 
+/// FNV-1a over `bytes`: a hash that stays the same across Rust releases (the std hasher
+/// does not promise to), for names and fingerprints that must be found again.
+pub fn stable_hash(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Seven hex digits of [`stable_hash`]: a name suffix that stays with `text`.
+pub fn short_hash(text: &str) -> String {
+    format!("{:07x}", stable_hash(text.bytes()) & 0x0fff_ffff)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_hashes_are_seven_hex_digits_stable_per_text() {
+        assert_eq!(short_hash("shop-80"), short_hash("shop-80"));
+        assert_ne!(short_hash("shop-80"), short_hash("shop-81"));
+        assert_eq!(short_hash("").len(), 7);
+    }
 
     #[test]
     fn name_from_uid_matches_the_upstream_default() {

@@ -129,11 +129,7 @@ pub struct PathMatcherPlan {
 
 /// A name within `lb` for `what`: `<lb>-<7 hex>` (40 characters), stable while `what` is.
 pub fn hashed_name(lb: &LoadBalancerName, what: &str) -> String {
-    // FNV-1a: stable across Rust releases, unlike the std hasher.
-    let hash = what.bytes().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
-    format!("{lb}-{:07x}", hash & 0x0fff_ffff)
+    format!("{lb}-{}", portico_provider::naming::short_hash(what))
 }
 
 pub fn plan(

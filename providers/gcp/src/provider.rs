@@ -96,14 +96,16 @@ macro_rules! regional {
     }};
 }
 
+/// Sends a mutation of a global resource of this project through client `$set().$client`
+/// (`clients` for Services', `l7` for Ingresses' resources) and waits for its operation.
 macro_rules! global {
-    ($self:ident, $client:ident, $what:expr, $call:expr) => {{
-        let c = &$self.clients().await?.$client;
+    ($self:ident, $set:ident . $client:ident, $what:expr, $call:expr) => {{
+        let c = &$self.$set().await?.$client;
         let project = &$self.settings.project;
         wait(
             $what,
             $self.operation_timeout,
-            $call(c).send().await,
+            $call(c).set_project(project).send().await,
             |op| {
                 c.get_operation()
                     .set_project(project)
@@ -115,18 +117,18 @@ macro_rules! global {
     }};
 }
 
-mod application_resources;
-
 /// A read of one resource of this project (`$call` names it), 404 as absent.
 macro_rules! read {
-    ($self:ident, $client:ident, $what:expr, $call:expr) => {{
-        let c = &$self.clients().await?.$client;
+    ($self:ident, $set:ident . $client:ident, $what:expr, $call:expr) => {{
+        let c = &$self.$set().await?.$client;
         found(
             $what,
             $call(c).set_project(&$self.settings.project).send().await,
         )
     }};
 }
+
+mod application_resources;
 
 /// A read that treats 404 as absent.
 fn found<T>(what: &str, r: Result<T, GaxError>) -> Result<Option<T>, ProviderError> {
@@ -203,10 +205,12 @@ impl GcpProvider {
     }
 
     async fn get_address(&self, name: &str) -> Result<Option<GceAddress>, ProviderError> {
-        read!(self, addresses, "reading the address", |c: &Addresses| c
-            .get()
-            .set_region(&self.settings.region)
-            .set_address(name))
+        read!(
+            self,
+            clients.addresses,
+            "reading the address",
+            |c: &Addresses| c.get().set_region(&self.settings.region).set_address(name)
+        )
     }
 
     async fn get_forwarding_rule(
@@ -215,7 +219,7 @@ impl GcpProvider {
     ) -> Result<Option<ForwardingRule>, ProviderError> {
         read!(
             self,
-            forwarding_rules,
+            clients.forwarding_rules,
             "reading a forwarding rule",
             |c: &ForwardingRules| c
                 .get()
@@ -227,7 +231,7 @@ impl GcpProvider {
     async fn get_target_pool(&self, name: &str) -> Result<Option<TargetPool>, ProviderError> {
         read!(
             self,
-            target_pools,
+            clients.target_pools,
             "reading the target pool",
             |c: &TargetPools| c
                 .get()
@@ -239,7 +243,7 @@ impl GcpProvider {
     async fn get_health_check(&self, name: &str) -> Result<Option<HttpHealthCheck>, ProviderError> {
         read!(
             self,
-            health_checks,
+            clients.health_checks,
             "reading the health check",
             |c: &HttpHealthChecks| c.get().set_http_health_check(name)
         )
@@ -248,7 +252,7 @@ impl GcpProvider {
     async fn get_firewall(&self, name: &str) -> Result<Option<Firewall>, ProviderError> {
         read!(
             self,
-            firewalls,
+            clients.firewalls,
             "reading a firewall rule",
             |c: &Firewalls| c.get().set_firewall(name)
         )
@@ -321,7 +325,7 @@ impl GcpProvider {
             None => {
                 global!(
                     self,
-                    health_checks,
+                    clients.health_checks,
                     "creating the health check",
                     |c: &HttpHealthChecks| c
                         .insert()
@@ -340,7 +344,7 @@ impl GcpProvider {
                 if !same {
                     global!(
                         self,
-                        health_checks,
+                        clients.health_checks,
                         "updating the health check",
                         |c: &HttpHealthChecks| c
                             .patch()
@@ -561,7 +565,7 @@ impl GcpProvider {
         match self.get_firewall(&plan.name).await? {
             None => global!(
                 self,
-                firewalls,
+                clients.firewalls,
                 "creating a firewall rule",
                 |c: &Firewalls| c
                     .insert()
@@ -583,7 +587,7 @@ impl GcpProvider {
                 }
                 global!(
                     self,
-                    firewalls,
+                    clients.firewalls,
                     "updating a firewall rule",
                     |c: &Firewalls| c
                         .patch()
@@ -779,7 +783,7 @@ impl Provider for GcpProvider {
             ours(&hc, existing.description.as_deref(), owner)?;
             global!(
                 self,
-                health_checks,
+                clients.health_checks,
                 "deleting the health check",
                 |c: &HttpHealthChecks| c
                     .delete()
@@ -792,7 +796,7 @@ impl Provider for GcpProvider {
                 ours(&firewall, existing.description.as_deref(), owner)?;
                 global!(
                     self,
-                    firewalls,
+                    clients.firewalls,
                     "deleting a firewall rule",
                     |c: &Firewalls| c
                         .delete()

@@ -82,7 +82,22 @@ impl AwsProvider {
                 CertificateSource::Reference { .. } => None,
             })
             .collect();
-        let mut known = self.imports_among(served, &spec.owner).await?;
+        // Certificates the user names by ARN are theirs; only the others can be imports.
+        let named: BTreeSet<&str> = frontend
+            .https
+            .iter()
+            .flat_map(|h| &h.certificates)
+            .filter_map(|c| match &c.source {
+                CertificateSource::Reference { id } => Some(id.as_str()),
+                CertificateSource::Pem { .. } => None,
+            })
+            .collect();
+        let candidates: Vec<String> = served
+            .iter()
+            .filter(|arn| !named.contains(arn.as_str()))
+            .cloned()
+            .collect();
+        let mut known = self.imports_among(&candidates, &spec.owner).await?;
         let missing: Vec<&str> = pems
             .iter()
             .filter(|(name, ..)| !known.iter().any(|k| k.certificate == *name))

@@ -28,35 +28,6 @@ use crate::error::from_gax;
 use crate::names;
 use crate::operation::wait;
 
-macro_rules! global_call {
-    ($self:ident, $client:ident, $what:expr, $call:expr) => {{
-        let c = &$self.l7().await?.$client;
-        let project = &$self.settings.project;
-        wait(
-            $what,
-            $self.operation_timeout,
-            $call(c).set_project(project).send().await,
-            |op| {
-                c.get_operation()
-                    .set_project(project)
-                    .set_operation(op)
-                    .send()
-            },
-        )
-        .await
-    }};
-}
-
-macro_rules! global_read {
-    ($self:ident, $client:ident, $what:expr, $call:expr) => {{
-        let c = &$self.l7().await?.$client;
-        found(
-            $what,
-            $call(c).set_project(&$self.settings.project).send().await,
-        )
-    }};
-}
-
 pub(super) struct L7Clients {
     addresses: GlobalAddresses,
     health_checks: HealthChecks,
@@ -132,7 +103,7 @@ impl GcpProvider {
         for (name, backend) in &plan.backends {
             services.insert(name.clone(), self.ensure_backend(spec, backend).await?);
         }
-        let map = self
+        let (map, map_changed) = self
             .ensure_url_map(spec, &plan, &services, existing_map)
             .await?;
         let redirect = redirect_map(lb);
@@ -150,14 +121,19 @@ impl GcpProvider {
                 self.ensure_global_rule(spec, &https_rule(lb), &ip, https.port, &proxy)
                     .await?;
             }
-            None => self.delete_https(lb, owner).await?,
+            None => self.delete_https(lb, owner, false).await?,
         }
         if !plan.redirect_to_https {
             self.delete_url_map(&redirect, owner).await?;
         }
-        // Backends no route uses any more, now that the URL map no longer points at them.
-        let wanted: BTreeSet<&str> = plan.backends.values().map(|b| b.name.as_str()).collect();
-        self.delete_backends(lb, owner, &wanted).await?;
+        // Backends no route uses any more, now that the URL map no longer points at them. Only
+        // a changed map can have let go of one; listing the project's backends every
+        // reconcile would cost three list calls for nothing. (One left by a reconcile killed
+        // between the map update and this sweep goes at the next change or with the Ingress.)
+        if map_changed {
+            let wanted: BTreeSet<&str> = plan.backends.values().map(|b| b.name.as_str()).collect();
+            self.delete_backends(lb, owner, &wanted).await?;
+        }
         let ports = std::iter::once(plan.http_port)
             .chain(plan.https.as_ref().map(|h| h.port))
             .map(|port| PortStatus {
@@ -173,7 +149,7 @@ impl GcpProvider {
     }
 
     async fn get_url_map(&self, name: &str) -> Result<Option<UrlMap>, ProviderError> {
-        global_read!(self, url_maps, "reading the URL map", |c: &UrlMaps| c
+        read!(self, l7.url_maps, "reading the URL map", |c: &UrlMaps| c
             .get()
             .set_url_map(name))
     }
@@ -187,9 +163,9 @@ impl GcpProvider {
         }
         if let Some(held) = &spec.requested_address_name {
             // The user's address: used as it is, never created or released here.
-            let address = global_read!(
+            let address = read!(
                 self,
-                addresses,
+                l7.addresses,
                 "reading the named global address",
                 |c: &GlobalAddresses| c.get().set_address(held)
             )?;
@@ -202,9 +178,9 @@ impl GcpProvider {
         }
         let name = names::base(&spec.name);
         let read = || async {
-            global_read!(
+            read!(
                 self,
-                addresses,
+                l7.addresses,
                 "reading the global address",
                 |c: &GlobalAddresses| c.get().set_address(&name)
             )
@@ -216,9 +192,9 @@ impl GcpProvider {
                 body.name = Some(name.clone());
                 body.description = Some(names::description(&spec.owner));
                 body.address_type = Some(model::address::AddressType::from("EXTERNAL"));
-                global_call!(
+                global!(
                     self,
-                    addresses,
+                    l7.addresses,
                     "reserving the global address",
                     |c: &GlobalAddresses| c.insert().set_body(body.clone())
                 )?;
@@ -254,15 +230,15 @@ impl GcpProvider {
         check.timeout_sec = Some(hc.timeout_sec);
         check.healthy_threshold = Some(hc.healthy_threshold);
         check.unhealthy_threshold = Some(hc.unhealthy_threshold);
-        match global_read!(
+        match read!(
             self,
-            health_checks,
+            l7.health_checks,
             "reading a health check",
             |c: &HealthChecks| c.get().set_health_check(&plan.name)
         )? {
-            None => global_call!(
+            None => global!(
                 self,
-                health_checks,
+                l7.health_checks,
                 "creating a health check",
                 |c: &HealthChecks| c.insert().set_body(check.clone())
             )?,
@@ -274,9 +250,9 @@ impl GcpProvider {
                     && existing.healthy_threshold == check.healthy_threshold
                     && existing.unhealthy_threshold == check.unhealthy_threshold;
                 if !same {
-                    global_call!(
+                    global!(
                         self,
-                        health_checks,
+                        l7.health_checks,
                         "updating a health check",
                         |c: &HealthChecks| c
                             .patch()
@@ -319,16 +295,16 @@ impl GcpProvider {
                 b
             })
             .collect();
-        let existing = global_read!(
+        let existing = read!(
             self,
-            backend_services,
+            l7.backend_services,
             "reading a backend service",
             |c: &BackendServices| c.get().set_backend_service(&plan.name)
         )?;
         match existing {
-            None => global_call!(
+            None => global!(
                 self,
-                backend_services,
+                l7.backend_services,
                 "creating a backend service",
                 |c: &BackendServices| c.insert().set_body(body.clone())
             )?,
@@ -345,9 +321,9 @@ impl GcpProvider {
                     && existing.connection_draining == body.connection_draining;
                 if !same {
                     body.fingerprint = existing.fingerprint.clone();
-                    global_call!(
+                    global!(
                         self,
-                        backend_services,
+                        l7.backend_services,
                         "updating a backend service",
                         |c: &BackendServices| c
                             .patch()
@@ -505,13 +481,14 @@ impl GcpProvider {
         .await
     }
 
+    /// The URL map as planned; its link, and whether it was created or changed.
     async fn ensure_url_map(
         &self,
         spec: &LoadBalancerSpec,
         plan: &ApplicationPlan,
         services: &BTreeMap<String, String>,
         existing: Option<UrlMap>,
-    ) -> Result<String, ProviderError> {
+    ) -> Result<(String, bool), ProviderError> {
         let plan_map = &plan.url_map;
         // URL maps need a service even where every request is refused.
         let any_service = services.values().next().cloned().unwrap_or_default();
@@ -564,9 +541,12 @@ impl GcpProvider {
             })
             .collect();
         match existing {
-            None => global_call!(self, url_maps, "creating the URL map", |c: &UrlMaps| c
-                .insert()
-                .set_body(body.clone()))?,
+            None => {
+                global!(self, l7.url_maps, "creating the URL map", |c: &UrlMaps| c
+                    .insert()
+                    .set_body(body.clone()))?;
+                Ok((self.global("urlMaps", &plan_map.name), true))
+            }
             Some(existing) => {
                 let same = existing.default_service == body.default_service
                     && existing.default_route_action == body.default_route_action
@@ -574,14 +554,14 @@ impl GcpProvider {
                     && existing.path_matchers == body.path_matchers;
                 if !same {
                     body.fingerprint = existing.fingerprint.clone();
-                    global_call!(self, url_maps, "updating the URL map", |c: &UrlMaps| c
+                    global!(self, l7.url_maps, "updating the URL map", |c: &UrlMaps| c
                         .update()
                         .set_url_map(&plan_map.name)
                         .set_body(body.clone()))?;
                 }
+                Ok((self.global("urlMaps", &plan_map.name), !same))
             }
         }
-        Ok(self.global("urlMaps", &plan_map.name))
     }
 
     async fn ensure_redirect_map(
@@ -602,9 +582,9 @@ impl GcpProvider {
                 body.name = Some(name.to_string());
                 body.description = Some(names::description(&spec.owner));
                 body.default_url_redirect = Some(redirect);
-                global_call!(
+                global!(
                     self,
-                    url_maps,
+                    l7.url_maps,
                     "creating the redirect URL map",
                     |c: &UrlMaps| c.insert().set_body(body.clone())
                 )?;
@@ -619,9 +599,9 @@ impl GcpProvider {
         map: &str,
     ) -> Result<String, ProviderError> {
         let name = names::base(&spec.name);
-        let existing = global_read!(
+        let existing = read!(
             self,
-            http_proxies,
+            l7.http_proxies,
             "reading the HTTP proxy",
             |c: &TargetHttpProxies| c.get().set_target_http_proxy(&name)
         )?;
@@ -631,9 +611,9 @@ impl GcpProvider {
                 body.name = Some(name.clone());
                 body.description = Some(names::description(&spec.owner));
                 body.url_map = Some(map.to_string());
-                global_call!(
+                global!(
                     self,
-                    http_proxies,
+                    l7.http_proxies,
                     "creating the HTTP proxy",
                     |c: &TargetHttpProxies| c.insert().set_body(body.clone())
                 )?;
@@ -643,9 +623,9 @@ impl GcpProvider {
                 if existing.url_map.as_deref() != Some(map) {
                     let mut reference = UrlMapReference::default();
                     reference.url_map = Some(map.to_string());
-                    global_call!(
+                    global!(
                         self,
-                        http_proxies,
+                        l7.http_proxies,
                         "pointing the HTTP proxy at its URL map",
                         |c: &TargetHttpProxies| c
                             .set_url_map()
@@ -666,9 +646,9 @@ impl GcpProvider {
     ) -> Result<String, ProviderError> {
         let owner = &spec.owner;
         for cert in &https.certificates {
-            let existing = global_read!(
+            let existing = read!(
                 self,
-                certificates,
+                l7.certificates,
                 "reading a certificate",
                 |c: &SslCertificates| c.get().set_ssl_certificate(&cert.name)
             )?;
@@ -680,9 +660,9 @@ impl GcpProvider {
                     body.description = Some(names::description(owner));
                     body.certificate = Some(cert.chain.clone());
                     body.private_key = Some(cert.key.clone());
-                    global_call!(
+                    global!(
                         self,
-                        certificates,
+                        l7.certificates,
                         "creating a certificate",
                         |c: &SslCertificates| c.insert().set_body(body.clone())
                     )?;
@@ -698,9 +678,9 @@ impl GcpProvider {
             .collect();
         let name = names::base(&spec.name);
         let policy = self.ensure_ssl_policy(spec, https).await?;
-        let existing = global_read!(
+        let existing = read!(
             self,
-            https_proxies,
+            l7.https_proxies,
             "reading the HTTPS proxy",
             |c: &TargetHttpsProxies| c.get().set_target_https_proxy(&name)
         )?;
@@ -713,9 +693,9 @@ impl GcpProvider {
                 body.url_map = Some(map.to_string());
                 body.ssl_certificates = wanted.clone();
                 body.ssl_policy = Some(policy.clone());
-                global_call!(
+                global!(
                     self,
-                    https_proxies,
+                    l7.https_proxies,
                     "creating the HTTPS proxy",
                     |c: &TargetHttpsProxies| c.insert().set_body(body.clone())
                 )?;
@@ -725,9 +705,9 @@ impl GcpProvider {
                 if existing.ssl_certificates != wanted {
                     let mut body = model::TargetHttpsProxiesSetSslCertificatesRequest::default();
                     body.ssl_certificates = wanted.clone();
-                    global_call!(
+                    global!(
                         self,
-                        https_proxies,
+                        l7.https_proxies,
                         "swapping the HTTPS proxy's certificates",
                         |c: &TargetHttpsProxies| c
                             .set_ssl_certificates()
@@ -744,9 +724,9 @@ impl GcpProvider {
                 if existing.ssl_policy.as_deref() != Some(policy.as_str()) {
                     let mut reference = model::SslPolicyReference::default();
                     reference.ssl_policy = Some(policy.clone());
-                    global_call!(
+                    global!(
                         self,
-                        https_proxies,
+                        l7.https_proxies,
                         "setting the HTTPS proxy's SSL policy",
                         |c: &TargetHttpsProxies| c
                             .set_ssl_policy()
@@ -757,9 +737,9 @@ impl GcpProvider {
                 if existing.url_map.as_deref() != Some(map) {
                     let mut reference = UrlMapReference::default();
                     reference.url_map = Some(map.to_string());
-                    global_call!(
+                    global!(
                         self,
-                        https_proxies,
+                        l7.https_proxies,
                         "pointing the HTTPS proxy at its URL map",
                         |c: &TargetHttpsProxies| c
                             .set_url_map()
@@ -791,16 +771,16 @@ impl GcpProvider {
         body.min_tls_version = Some(model::ssl_policy::MinTlsVersion::from(
             https.min_tls_version,
         ));
-        let existing = global_read!(
+        let existing = read!(
             self,
-            ssl_policies,
+            l7.ssl_policies,
             "reading the SSL policy",
             |c: &SslPolicies| c.get().set_ssl_policy(&name)
         )?;
         match existing {
-            None => global_call!(
+            None => global!(
                 self,
-                ssl_policies,
+                l7.ssl_policies,
                 "creating the SSL policy",
                 |c: &SslPolicies| c.insert().set_body(body.clone())
             )?,
@@ -810,9 +790,9 @@ impl GcpProvider {
                     || existing.profile != body.profile
                 {
                     body.fingerprint = existing.fingerprint.clone();
-                    global_call!(
+                    global!(
                         self,
-                        ssl_policies,
+                        l7.ssl_policies,
                         "updating the SSL policy",
                         |c: &SslPolicies| c.patch().set_ssl_policy(&name).set_body(body.clone())
                     )?;
@@ -851,37 +831,40 @@ impl GcpProvider {
             }
             self.delete_global_rule(name).await?;
         }
-        global_call!(
+        global!(
             self,
-            forwarding_rules,
+            l7.forwarding_rules,
             "creating a global forwarding rule",
             |c: &GlobalForwardingRules| c.insert().set_body(body.clone())
         )
     }
 
     async fn get_global_rule(&self, name: &str) -> Result<Option<ForwardingRule>, ProviderError> {
-        global_read!(
+        read!(
             self,
-            forwarding_rules,
+            l7.forwarding_rules,
             "reading a global forwarding rule",
             |c: &GlobalForwardingRules| c.get().set_forwarding_rule(name)
         )
     }
 
     async fn delete_global_rule(&self, name: &str) -> Result<(), ProviderError> {
-        global_call!(
+        global!(
             self,
-            forwarding_rules,
+            l7.forwarding_rules,
             "deleting a global forwarding rule",
             |c: &GlobalForwardingRules| c.delete().set_forwarding_rule(name)
         )
     }
 
-    /// The HTTPS forwarding rule, proxy and Portico's certificates of `lb`.
+    /// The HTTPS forwarding rule, proxy, SSL policy and Portico's certificates of `lb`: those
+    /// the proxy served, or with `sweep` every one of `lb`'s in the project (also those a
+    /// reconcile created and was killed before attaching).
     async fn delete_https(
         &self,
         lb: &LoadBalancerName,
         owner: &Ownership,
+        sweep: bool,
     ) -> Result<(), ProviderError> {
         let rule = https_rule(lb);
         if let Some(existing) = self.get_global_rule(&rule).await? {
@@ -889,37 +872,44 @@ impl GcpProvider {
             self.delete_global_rule(&rule).await?;
         }
         let name = names::base(lb);
-        let proxy = global_read!(
+        let proxy = read!(
             self,
-            https_proxies,
+            l7.https_proxies,
             "reading the HTTPS proxy",
             |c: &TargetHttpsProxies| c.get().set_target_https_proxy(&name)
         )?;
+        let mut served = Vec::new();
         if let Some(proxy) = proxy {
             ours(&name, proxy.description.as_deref(), owner)?;
-            global_call!(
+            global!(
                 self,
-                https_proxies,
+                l7.https_proxies,
                 "deleting the HTTPS proxy",
                 |c: &TargetHttpsProxies| c.delete().set_target_https_proxy(&name)
             )?;
+            served = proxy.ssl_certificates;
         }
-        let policy = global_read!(
+        let policy = read!(
             self,
-            ssl_policies,
+            l7.ssl_policies,
             "reading the SSL policy",
             |c: &SslPolicies| c.get().set_ssl_policy(&name)
         )?;
         if let Some(policy) = policy {
             ours(&name, policy.description.as_deref(), owner)?;
-            global_call!(
+            global!(
                 self,
-                ssl_policies,
+                l7.ssl_policies,
                 "deleting the SSL policy",
                 |c: &SslPolicies| c.delete().set_ssl_policy(&name)
             )?;
         }
-        // Also those a reconcile created and was killed before attaching.
+        if !sweep {
+            for link in &served {
+                self.delete_certificate(names::name_of(link), owner).await?;
+            }
+            return Ok(());
+        }
         let listed = self
             .l7()
             .await?
@@ -942,9 +932,9 @@ impl GcpProvider {
     }
 
     async fn delete_certificate(&self, name: &str, owner: &Ownership) -> Result<(), ProviderError> {
-        let existing = global_read!(
+        let existing = read!(
             self,
-            certificates,
+            l7.certificates,
             "reading a certificate",
             |c: &SslCertificates| c.get().set_ssl_certificate(name)
         )?;
@@ -956,9 +946,9 @@ impl GcpProvider {
         {
             return Ok(());
         }
-        global_call!(
+        global!(
             self,
-            certificates,
+            l7.certificates,
             "deleting a certificate",
             |c: &SslCertificates| c.delete().set_ssl_certificate(name)
         )
@@ -967,7 +957,7 @@ impl GcpProvider {
     async fn delete_url_map(&self, name: &str, owner: &Ownership) -> Result<(), ProviderError> {
         if let Some(existing) = self.get_url_map(name).await? {
             ours(name, existing.description.as_deref(), owner)?;
-            global_call!(self, url_maps, "deleting a URL map", |c: &UrlMaps| c
+            global!(self, l7.url_maps, "deleting a URL map", |c: &UrlMaps| c
                 .delete()
                 .set_url_map(name))?;
         }
@@ -1001,9 +991,9 @@ impl GcpProvider {
             let Some(name) = mine(service.name.as_deref(), service.description.as_deref()) else {
                 continue;
             };
-            global_call!(
+            global!(
                 self,
-                backend_services,
+                l7.backend_services,
                 "deleting a backend service",
                 |c: &BackendServices| c.delete().set_backend_service(&name)
             )?;
@@ -1041,9 +1031,9 @@ impl GcpProvider {
             let Some(name) = mine(check.name.as_deref(), check.description.as_deref()) else {
                 continue;
             };
-            global_call!(
+            global!(
                 self,
-                health_checks,
+                l7.health_checks,
                 "deleting a health check",
                 |c: &HealthChecks| c.delete().set_health_check(&name)
             )?;
@@ -1071,18 +1061,18 @@ impl GcpProvider {
             ours(&rule, existing.description.as_deref(), owner)?;
             self.delete_global_rule(&rule).await?;
         }
-        self.delete_https(lb, owner).await?;
-        let proxy = global_read!(
+        self.delete_https(lb, owner, true).await?;
+        let proxy = read!(
             self,
-            http_proxies,
+            l7.http_proxies,
             "reading the HTTP proxy",
             |c: &TargetHttpProxies| c.get().set_target_http_proxy(&base)
         )?;
         if let Some(proxy) = proxy {
             ours(&base, proxy.description.as_deref(), owner)?;
-            global_call!(
+            global!(
                 self,
-                http_proxies,
+                l7.http_proxies,
                 "deleting the HTTP proxy",
                 |c: &TargetHttpProxies| c.delete().set_target_http_proxy(&base)
             )?;
@@ -1090,17 +1080,17 @@ impl GcpProvider {
         self.delete_url_map(&redirect_map(lb), owner).await?;
         self.delete_url_map(&base, owner).await?;
         self.delete_backends(lb, owner, &BTreeSet::new()).await?;
-        let address = global_read!(
+        let address = read!(
             self,
-            addresses,
+            l7.addresses,
             "reading the global address",
             |c: &GlobalAddresses| c.get().set_address(&base)
         )?;
         if let Some(address) = address {
             ours(&base, address.description.as_deref(), owner)?;
-            global_call!(
+            global!(
                 self,
-                addresses,
+                l7.addresses,
                 "releasing the global address",
                 |c: &GlobalAddresses| c.delete().set_address(&base)
             )?;
