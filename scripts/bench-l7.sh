@@ -22,7 +22,9 @@
 #                      affinity), default timeouts (connect 5 s, request 60 s, idle 60 s).
 #                      It forwards the client's Host, appends the client to X-Forwarded-For
 #                      and sets X-Forwarded-Proto and X-Forwarded-Host; targets are reached
-#                      over pooled HTTP/1.1 keep-alive connections. Tokio runtime, 2 workers.
+#                      over pooled HTTP/1.1 keep-alive connections. 2 proxy workers (one
+#                      single-threaded runtime each; --proxy-workers), the API and health
+#                      checks on a tokio runtime of 2 threads beside them.
 #   127.61.3.1:80/443  nginx as the peer reverse proxy, a separate instance configured to do
 #                      the same job:
 #                        worker_processes 2 (the same 2-core budget as Portico's runtime),
@@ -88,7 +90,8 @@
 # and 443 (or set BENCH_HTTP_PORT / BENCH_HTTPS_PORT to ports >= 1024). Stops every process
 # it started and removes its temporary directory on exit.
 #
-# Knobs (environment): BENCH_ROUNDS (3), BENCH_DURATION (6 s per measured run), BENCH_WARMUP
+# Knobs (environment): BENCH_ROUNDS (3), BENCH_TESTS ("http https handshake": which tests, in
+# that order; the table keeps only their rows), BENCH_DURATION (6 s per measured run), BENCH_WARMUP
 # (2 s), BENCH_MAX_FOREIGN (15 %), BENCH_MAX_LOAD (1.0), BENCH_LOAD_WAIT (120 s; 0 skips the
 # wait), BENCH_HTTP_PORT (80), BENCH_HTTPS_PORT (443), BENCH_WRK_CPU (CPU to pin wrk to;
 # default: the last CPU when there are 4 or more, unpinned on smaller machines, where pinning
@@ -98,6 +101,7 @@ cd "$(dirname "$0")/.."
 root_dir=$PWD
 
 rounds=${BENCH_ROUNDS:-3}
+tests=${BENCH_TESTS:-http https handshake}
 duration=${BENCH_DURATION:-6}
 warmup=${BENCH_WARMUP:-2}
 http_port=${BENCH_HTTP_PORT:-80}
@@ -392,7 +396,7 @@ nginx_proxy_pid=$REPLY
 # ---------------------------------------------------------------------------------------------
 # Portico: the local cloud and one application load balancer
 
-RUST_LOG=info TOKIO_WORKER_THREADS=$proxy_threads "$portico_bin" \
+RUST_LOG=info TOKIO_WORKER_THREADS=$proxy_threads PORTICO_LOCAL_CLOUD_PROXY_WORKERS=$proxy_threads "$portico_bin" \
   --listen "$api" --pool "$pool" --state-file "$tmp/local-cloud.json" >"$tmp/portico.log" 2>&1 &
 portico_pid=$!
 pids+=("$portico_pid")
@@ -724,15 +728,18 @@ for ((round = 1; round <= rounds; round++)); do
   else
     order=(direct nginx portico)
   fi
-  for target in "${order[@]}"; do
-    run_wrk http "$target" "$(url_of "$target" http)" "$(addr_of "$target")" "$ka_conns"
-  done
-  for target in "${order[@]}"; do
-    run_wrk https "$target" "$(url_of "$target" https)" "$(addr_of "$target")" "$ka_conns"
-  done
-  for target in "${order[@]}"; do
-    run_wrk handshake "$target" "$(url_of "$target" https)" "$(addr_of "$target")" "$hs_conns" \
-      -H 'Connection: close'
+  for test in $tests; do
+    for target in "${order[@]}"; do
+      case $test in
+        http | https)
+          run_wrk "$test" "$target" "$(url_of "$target" "$test")" "$(addr_of "$target")" "$ka_conns"
+          ;;
+        handshake)
+          run_wrk handshake "$target" "$(url_of "$target" https)" "$(addr_of "$target")" "$hs_conns" \
+            -H 'Connection: close'
+          ;;
+      esac
+    done
   done
 done
 elapsed=$(($(date +%s) - started))
@@ -759,7 +766,7 @@ fi
   echo
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "- machine: $ncpu CPUs (${cpu_model:-unknown}), kernel $(uname -r)"
-  echo "- Portico: \`$("$portico_bin" --version)\` at $git_rev; tokio runtime with $proxy_threads workers; HTTP :$http_port, HTTPS :$https_port (rustls, aws-lc-rs)"
+  echo "- Portico: \`$("$portico_bin" --version)\` at $git_rev; $proxy_threads proxy workers (single-threaded runtimes); HTTP :$http_port, HTTPS :$https_port (rustls, aws-lc-rs)"
   echo "- nginx (proxy): \`$nginx_version\`, \`worker_processes $proxy_threads\`, upstream keepalive 64, HTTP/1.1 to the targets, same forwarding headers, ssl_protocols TLSv1.2 TLSv1.3, no http2, access_log off (full config in scripts/bench-l7.sh)"
   echo "- targets: the same nginx, 3 addresses, \`worker_processes auto\`, \`/\` answers \"ok\\n\"; the HTTPS ceiling is the first target terminating TLS itself"
   echo "- certificate: self-signed ECDSA P-256 for $host; Host and SNI are $host for every run"
@@ -834,12 +841,18 @@ fi
     END {
       print "| metric | direct to 1 target (ceiling) | Portico | nginx | Portico vs nginx |"
       print "|---|---|---|---|---|"
-      printf "| **HTTP keep-alive** (`-c %d`, `http://bench.example/`) | | | | |\n", ka
-      section("http", "request")
-      printf "| **HTTPS keep-alive** (`-c %d`, `https://bench.example/`) | | | | |\n", ka
-      section("https", "request")
-      printf "| **TLS connection rate** (`-c %d`, `Connection: close`, `https://bench.example/`) | | | | |\n", hs
-      section("handshake", "connection")
+      if (count["http|portico|rate"]) {
+        printf "| **HTTP keep-alive** (`-c %d`, `http://bench.example/`) | | | | |\n", ka
+        section("http", "request")
+      }
+      if (count["https|portico|rate"]) {
+        printf "| **HTTPS keep-alive** (`-c %d`, `https://bench.example/`) | | | | |\n", ka
+        section("https", "request")
+      }
+      if (count["handshake|portico|rate"]) {
+        printf "| **TLS connection rate** (`-c %d`, `Connection: close`, `https://bench.example/`) | | | | |\n", hs
+        section("handshake", "connection")
+      }
       print ""
       print "Errors are wrk socket errors (connect, read, write, timeout) plus non-2xx answers."
       print "\"≈ same\": Portico within ±3 % of nginx. Latency and CPU: lower is better. The runs below show the spread between rounds;"

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Service};
-use kube::api::PostParams;
+use kube::api::{ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use portico_e2e::agent::ECHO_IMAGE;
@@ -31,14 +31,21 @@ enum Bench {
     Provisioning {
         #[arg(long, default_value_t = 100)]
         services: usize,
+        /// Open the client's connections to the API server only when the creates are sent,
+        /// inside the measurement (by default they are opened before the clock starts).
+        #[arg(long)]
+        cold_connections: bool,
     },
 }
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     install_crypto_provider();
-    let Bench::Provisioning { services } = Bench::parse();
-    provisioning(services).await
+    let Bench::Provisioning {
+        services,
+        cold_connections,
+    } = Bench::parse();
+    provisioning(services, !cold_connections).await
 }
 
 fn ip_of(svc: &Service) -> Option<Ipv4Addr> {
@@ -52,7 +59,7 @@ fn ip_of(svc: &Service) -> Option<Ipv4Addr> {
         .find_map(|i| i.ip.as_deref()?.parse().ok())
 }
 
-async fn provisioning(count: usize) -> anyhow::Result<()> {
+async fn provisioning(count: usize, warm_connections: bool) -> anyhow::Result<()> {
     let testbed = Testbed::start(TestbedOptions {
         nodes: 3,
         ..Default::default()
@@ -110,9 +117,24 @@ async fn provisioning(count: usize) -> anyhow::Result<()> {
             }
         }
     });
+    if warm_connections {
+        // kube-rs speaks HTTP/1.1, so `count` requests at once take `count` connections: open
+        // them now (they stay pooled), or the measurement would include `count` TLS
+        // handshakes with the API server. Clients such as kubectl multiplex one HTTP/2
+        // connection instead, so a warm connection is the common case.
+        let one = ListParams::default().limit(1);
+        futures::stream::iter(0..count)
+            .map(|_| services.list(&one))
+            .buffer_unordered(count)
+            .try_collect::<Vec<_>>()
+            .await?;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    println!("creating {count} Services of type LoadBalancer at once …");
+    println!(
+        "creating {count} Services of type LoadBalancer at once ({} connections) …",
+        if warm_connections { "warm" } else { "cold" }
+    );
     let names: Vec<String> = (0..count).map(|i| format!("svc-{i:03}")).collect();
     let created = futures::stream::iter(names.clone())
         .map(|name| {

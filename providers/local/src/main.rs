@@ -27,6 +27,14 @@ struct Args {
     /// Where load balancers are saved [default: $XDG_STATE_HOME/portico/local-cloud.json].
     #[arg(long, env = "PORTICO_LOCAL_CLOUD_STATE_FILE")]
     state_file: Option<PathBuf>,
+    /// Threads the proxies run on, each with its own connections [default: one per CPU].
+    #[arg(
+        long,
+        env = "PORTICO_LOCAL_CLOUD_PROXY_WORKERS",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
+    proxy_workers: usize,
     /// Log lines as human-readable text or as JSON objects.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -56,6 +64,7 @@ fn main() -> anyhow::Result<()> {
             .state_file
             .unwrap_or_else(DaemonConfig::default_state_file),
     };
+    portico_local_cloud::dataplane::workers::configure(args.proxy_workers);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,7 +1,7 @@
 //! The data plane: the L4 proxy serving one load balancer's listeners, or the L7 proxy
 //! ([`http`]) serving its HTTP(S) ports.
 //!
-//! Each listener runs one accept (or receive) task that owns its socket; the routing
+//! Each L4 listener runs one accept (or receive) task that owns its socket; the routing
 //! configuration reaches it as an immutable [`select::PoolSnapshot`] through a `watch`
 //! channel, so an update swaps it without stopping the socket or touching established
 //! connections. Health verdicts come from [`health`] probers shared by all listeners.
@@ -14,6 +14,7 @@ pub mod select;
 pub mod source_ranges;
 mod tcp;
 mod udp;
+pub mod workers;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -95,7 +96,8 @@ struct RunningListener {
     name: String,
     config: watch::Sender<Arc<PoolSnapshot>>,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    /// The accept (or receive) loop.
+    tasks: Vec<JoinHandle<()>>,
     stats: Arc<Stats>,
 }
 
@@ -225,7 +227,7 @@ impl LoadBalancer {
             if let Some(listener) = self.listeners.remove(&key) {
                 listener.stop.cancel();
                 // Waiting lets a later apply bind the same port again straight away.
-                let _ = listener.task.await;
+                join_all(listener.tasks).await;
                 tracing::info!(lb = %self.name, protocol = %key.0, port = key.1, "listener removed");
             }
         }
@@ -249,7 +251,7 @@ impl LoadBalancer {
         }
         for listener in std::mem::take(&mut self.listeners).into_values() {
             listener.stop.cancel();
-            let _ = listener.task.await;
+            join_all(listener.tasks).await;
         }
     }
 
@@ -330,14 +332,17 @@ impl LoadBalancer {
             stop: stop.clone(),
             connections: self.connections.clone(),
         };
-        let task = match listener.protocol {
+        let tasks = match listener.protocol {
+            // On the work-stealing runtime: a TCP connection is one task copying both ways,
+            // so it wakes no other task, and stealing balances connections across threads
+            // (on the L4 benchmark, pinning them to workers measured no better).
             Protocol::Tcp => {
-                let socket = tcp::bind(local)?;
-                tokio::spawn(tcp::serve(socket, ctx))
+                let socket = tokio::net::TcpListener::from_std(tcp::bind(local)?)?;
+                vec![tokio::spawn(tcp::serve(socket, ctx))]
             }
             Protocol::Udp => {
                 let socket = udp::bind(local)?;
-                tokio::spawn(udp::serve(socket, ctx))
+                vec![tokio::spawn(udp::serve(socket, ctx))]
             }
         };
         tracing::info!(lb = %self.name, listener = %listener.name, protocol = %listener.protocol,
@@ -346,7 +351,7 @@ impl LoadBalancer {
             name: listener.name.clone(),
             config: tx,
             stop,
-            task,
+            tasks,
             stats,
         })
     }
@@ -359,6 +364,13 @@ impl Drop for LoadBalancer {
         for listener in self.listeners.values() {
             listener.stop.cancel();
         }
+    }
+}
+
+/// Waits for every task to end (a panicked one counts as ended).
+async fn join_all(tasks: Vec<JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -25,15 +26,21 @@ const MAX_ATTEMPTS: usize = 3;
 /// Per direction; large buffers mean fewer syscalls per byte on bulk transfers.
 const COPY_BUFFER: usize = 64 * 1024;
 
-pub(super) fn bind(local: SocketAddr) -> io::Result<TcpListener> {
-    let socket = match local {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
+/// A listening socket, not yet registered with any runtime: the HTTP ports hand it to the
+/// proxy workers ([`super::workers`]).
+pub(super) fn bind(local: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(local),
+        Type::STREAM,
+        Some(SocketProtocol::TCP),
+    )?;
     // A restarted daemon must get its ports back while old connections sit in TIME_WAIT.
-    socket.set_reuseaddr(true)?;
-    socket.bind(local)?;
-    socket.listen(BACKLOG)
+    socket.set_reuse_address(true)?;
+    socket.bind(&local.into())?;
+    socket.listen(BACKLOG as i32)?;
+    // Tokio polls it; every descriptor duplicated from it shares this flag.
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// What every connection of a listener shares, behind one `Arc` per connection.

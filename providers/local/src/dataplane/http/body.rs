@@ -9,15 +9,20 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Sleep;
 
+use super::upstream::Pooled;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub enum ProxyBody {
     /// A local answer (errors, redirects); `None` once sent.
     Local(Option<Bytes>),
-    /// A target's body, cut off when the exchange's deadline passes.
+    /// A target's body, cut off when the exchange's deadline passes; its connection goes
+    /// back to the pool once the body has ended cleanly.
     Upstream {
         body: Incoming,
         deadline: Pin<Box<Sleep>>,
+        pooled: Option<Pooled>,
+        ended: bool,
     },
 }
 
@@ -33,6 +38,33 @@ impl ProxyBody {
     pub fn empty() -> Self {
         ProxyBody::Local(None)
     }
+
+    pub fn upstream(body: Incoming, deadline: Pin<Box<Sleep>>, pooled: Option<Pooled>) -> Self {
+        ProxyBody::Upstream {
+            body,
+            deadline,
+            pooled,
+            ended: false,
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    /// Only a body read to its end leaves the connection ready for another exchange; one cut
+    /// short (client gone, error, deadline) drops the connection, which closes it.
+    fn drop(&mut self) {
+        if let ProxyBody::Upstream {
+            body,
+            pooled,
+            ended,
+            ..
+        } = self
+            && (*ended || body.is_end_stream())
+            && let Some(pooled) = pooled.take()
+        {
+            pooled.release();
+        }
+    }
 }
 
 impl Body for ProxyBody {
@@ -45,9 +77,18 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBody::Upstream { body, deadline } => {
+            ProxyBody::Upstream {
+                body,
+                deadline,
+                ended,
+                ..
+            } => {
                 match Pin::new(body).poll_frame(cx) {
-                    Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+                    Poll::Ready(None) => {
+                        *ended = true;
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(frame)) => Poll::Ready(Some(frame.map_err(Into::into))),
                     // Only a waiting body can overrun; a body that keeps flowing is checked
                     // when it next waits.
                     Poll::Pending => match deadline.as_mut().poll(cx) {

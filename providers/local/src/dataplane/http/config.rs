@@ -16,7 +16,6 @@ use portico_provider::routing::RouteTable;
 use portico_provider::{ApplicationFrontend, HttpTimeouts, SessionAffinity};
 
 use super::stats::RequestCounters;
-use super::upstream::UpstreamClient;
 use crate::dataplane::health::{HealthCell, HealthRegistry, ProbeKey};
 use crate::dataplane::select::{self, PoolSnapshot, Selector};
 use crate::dataplane::source_ranges::SourceRanges;
@@ -29,7 +28,6 @@ pub struct Snapshot {
     pub redirect_to: Option<u16>,
     pub source_ranges: SourceRanges,
     pub timeouts: HttpTimeouts,
-    pub client: UpstreamClient,
     /// How client connections are served (carries the idle timeout).
     pub server: auto::Builder<TokioExecutor>,
 }
@@ -69,7 +67,6 @@ impl Snapshot {
         source_ranges: SourceRanges,
         health: &HealthRegistry,
         states: &mut HashMap<String, Arc<BackendState>>,
-        client: UpstreamClient,
     ) -> Snapshot {
         states.retain(|name, _| app.backends.iter().any(|b| &b.name == name));
         let backends = app
@@ -134,7 +131,6 @@ impl Snapshot {
                 .map(|h| h.port),
             source_ranges,
             timeouts: app.timeouts.clone(),
-            client,
             server: server_builder(app.timeouts.idle),
         }
     }

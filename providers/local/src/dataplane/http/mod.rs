@@ -24,7 +24,6 @@ use portico_provider::TlsVersion;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
@@ -37,10 +36,9 @@ use self::config::{BackendState, Snapshot};
 use self::proxy::Shared;
 use self::stats::RequestCounters;
 use self::tls::{CertStore, SniResolver};
-use self::upstream::UpstreamClient;
-use super::Stats;
 use super::health::{HealthRegistry, ProbeKey};
 use super::source_ranges::SourceRanges;
+use super::{Stats, join_all, workers};
 
 /// A validated application frontend, its certificates parsed.
 #[derive(Debug)]
@@ -85,15 +83,13 @@ pub struct HttpFrontend {
     tls: Option<(Arc<SniResolver>, TlsAcceptor, TlsVersion)>,
     /// Backend state that outlives updates, by backend name.
     states: HashMap<String, Arc<BackendState>>,
-    /// Reused across updates (its pooled connections with it) while the connect timeout
-    /// stays the same.
-    client: (Duration, UpstreamClient),
 }
 
 struct RunningPort {
     tls: bool,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    /// One accept loop per proxy worker.
+    tasks: Vec<JoinHandle<()>>,
     stats: Arc<Stats>,
 }
 
@@ -114,16 +110,8 @@ impl HttpFrontend {
         plan: &Plan,
         health: &HealthRegistry,
     ) -> Self {
-        let connect = plan.app.timeouts.connect;
-        let client = upstream::client(connect);
         let mut states = HashMap::new();
-        let snapshot = Snapshot::build(
-            &plan.app,
-            SourceRanges::default(),
-            health,
-            &mut states,
-            client.clone(),
-        );
+        let snapshot = Snapshot::build(&plan.app, SourceRanges::default(), health, &mut states);
         HttpFrontend {
             shared: Arc::new(Shared {
                 lb: lb.into(),
@@ -135,7 +123,6 @@ impl HttpFrontend {
             ports: BTreeMap::new(),
             tls: None,
             states,
-            client: (connect, client),
         }
     }
 
@@ -169,18 +156,11 @@ impl HttpFrontend {
                 }
             }
         }
-        if self.client.0 != plan.app.timeouts.connect {
-            self.client = (
-                plan.app.timeouts.connect,
-                upstream::client(plan.app.timeouts.connect),
-            );
-        }
         let snapshot = Snapshot::build(
             &plan.app,
             SourceRanges::new(source_ranges),
             health,
             &mut self.states,
-            self.client.1.clone(),
         );
         self.shared.config.store(Arc::new(snapshot));
 
@@ -199,7 +179,7 @@ impl HttpFrontend {
             if let Some(running) = self.ports.remove(&port) {
                 running.stop.cancel();
                 // Waiting lets the port be bound again straight away (plain <-> TLS).
-                let _ = running.task.await;
+                join_all(running.tasks).await;
                 tracing::info!(lb = %self.shared.lb, port, "HTTP listener removed");
             }
         }
@@ -243,21 +223,20 @@ impl HttpFrontend {
         } else {
             None
         };
-        let task = tokio::spawn(server::serve(
-            socket,
-            server::Port {
-                shared: self.shared.clone(),
-                local,
-                tls: acceptor,
-                stats: stats.clone(),
-                stop: stop.clone(),
-            },
-        ));
+        let port = Arc::new(server::Port {
+            shared: self.shared.clone(),
+            local,
+            tls: acceptor,
+            stats: stats.clone(),
+            stop: stop.clone(),
+        });
+        let tasks =
+            workers::get().serve_on_all(socket, |socket| server::serve(socket, port.clone()))?;
         tracing::info!(lb = %self.shared.lb, %local, tls, "listening (HTTP)");
         Ok(RunningPort {
             tls,
             stop,
-            task,
+            tasks,
             stats,
         })
     }
@@ -267,7 +246,7 @@ impl HttpFrontend {
         self.shared.connections.cancel();
         for running in std::mem::take(&mut self.ports).into_values() {
             running.stop.cancel();
-            let _ = running.task.await;
+            join_all(running.tasks).await;
         }
     }
 

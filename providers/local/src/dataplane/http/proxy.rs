@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::header::{HOST, LOCATION, SET_COOKIE, UPGRADE};
-use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::uri::{PathAndQuery, Uri};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -130,16 +130,13 @@ async fn proxy(
     let mut deadline = Box::pin(tokio::time::sleep(snapshot.timeouts.request));
     let result = match client_upgrade {
         None => {
-            parts.uri = absolute_uri(&target.authority, &parts.uri);
+            parts.uri = Uri::from(origin_form(&parts.uri));
             let request = Request::from_parts(parts, body);
             tokio::select! {
                 biased;
-                r = snapshot.client.request(request) => r.map_err(|e| {
-                    if e.is_connect() {
-                        UpstreamError::Connect(e.to_string())
-                    } else {
-                        UpstreamError::Failed(e.to_string())
-                    }
+                r = upstream::send(target.addr, snapshot.timeouts.connect, request) => r.map(|(response, pooled)| (response, Some(pooled))).map_err(|e| match e {
+                    upstream::SendError::Connect(e) => UpstreamError::Connect(e.to_string()),
+                    upstream::SendError::Failed(e) => UpstreamError::Failed(e.to_string()),
                 }),
                 _ = &mut deadline => Err(UpstreamError::Timeout),
             }
@@ -156,10 +153,11 @@ async fn proxy(
                 client_upgrade,
             )
             .await
+            .map(|response| (response, None))
         }
     };
-    let response = match result {
-        Ok(response) => response,
+    let (response, pooled) = match result {
+        Ok(exchange) => exchange,
         Err(e) => {
             tracing::debug!(lb = %conn.shared.lb, target = %target.addr, error = %e, "upstream failed");
             let response = e.response();
@@ -178,7 +176,7 @@ async fn proxy(
         parts.headers.append(SET_COOKIE, cookie.clone());
     }
     counters.count(parts.status);
-    Response::from_parts(parts, ProxyBody::Upstream { body, deadline })
+    Response::from_parts(parts, ProxyBody::upstream(body, deadline, pooled))
 }
 
 /// Forwards an upgrade request on a fresh connection; on `101 Switching Protocols` both
@@ -243,14 +241,6 @@ fn origin_form(uri: &Uri) -> PathAndQuery {
     uri.path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"))
-}
-
-fn absolute_uri(authority: &Authority, uri: &Uri) -> Uri {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(authority.clone());
-    parts.path_and_query = Some(origin_form(uri));
-    Uri::from_parts(parts).expect("scheme, authority and path form a URI")
 }
 
 /// `308` to the same host and path over HTTPS (`308` keeps the method and body).

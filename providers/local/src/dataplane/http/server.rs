@@ -14,6 +14,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::proxy::{self, ClientConn, Shared};
+use crate::dataplane::workers::{self, Placed};
 use crate::dataplane::{ActiveGuard, Stats};
 
 /// A client gets this long to complete its TLS handshake.
@@ -30,8 +31,9 @@ pub(super) struct Port {
     pub stop: CancellationToken,
 }
 
-pub(super) async fn serve(listener: TcpListener, port: Port) {
-    let port = Arc::new(port);
+/// One worker's accept loop; each connection is served by the least loaded worker.
+pub(super) async fn serve(listener: TcpListener, port: Arc<Port>) {
+    let workers = workers::get();
     let stopped = port.stop.cancelled();
     tokio::pin!(stopped);
     loop {
@@ -55,11 +57,32 @@ pub(super) async fn serve(listener: TcpListener, port: Port) {
             continue;
         }
         Stats::add(&port.stats.accepted, 1);
-        tokio::spawn(connection(port.clone(), stream, peer));
+        let placed = workers.place();
+        if Some(placed.worker()) == workers::current() {
+            tokio::spawn(connection(port.clone(), stream, peer, placed));
+            continue;
+        }
+        // Moved to its worker's poller: deregistered here, registered there.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(lb = %port.shared.lb, client = %peer, error = %e, "cannot hand the connection over");
+                continue;
+            }
+        };
+        let port = port.clone();
+        workers.spawn_on(placed.worker(), async move {
+            match TcpStream::from_std(stream) {
+                Ok(stream) => connection(port, stream, peer, placed).await,
+                Err(e) => {
+                    tracing::debug!(lb = %port.shared.lb, client = %peer, error = %e, "cannot take the connection over");
+                }
+            }
+        });
     }
 }
 
-async fn connection(port: Arc<Port>, stream: TcpStream, peer: SocketAddr) {
+async fn connection(port: Arc<Port>, stream: TcpStream, peer: SocketAddr, _placed: Placed) {
     let _active = ActiveGuard::new(&port.stats);
     let _ = stream.set_nodelay(true);
     let client_ip = peer.ip().to_canonical();

@@ -1,44 +1,132 @@
-//! Connections to targets: a pooled HTTP/1.1 client for ordinary requests (keep-alive
-//! connections reused across requests and clients), and fresh connections for upgrades,
-//! which end up owned by a tunnel and must never return to a pool.
+//! Connections to targets: keep-alive HTTP/1.1 connections pooled per proxy worker for
+//! ordinary requests, and fresh connections for upgrades, which end up owned by a tunnel and
+//! must never return to a pool.
+//!
+//! The pool is the worker's own (thread-local): a connection is driven by a task on the
+//! worker that opened it and only that worker's requests use it, so taking one and giving
+//! it back costs no lock and wakes no other thread. A connection goes back when the
+//! response body has ended cleanly ([`Pooled`], held by the response body); one that ended
+//! any other way is dropped, which closes it.
 
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use http::Request;
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
-
-/// Idle pooled connections to targets are closed after this long.
+/// Idle connections to targets are closed after this long.
 const POOL_IDLE: Duration = Duration::from_secs(90);
+/// Idle connections kept per target and worker; beyond it the oldest is closed.
+const MAX_IDLE_PER_TARGET: usize = 1024;
 
-/// A client that connects within `connect` and keeps connections for reuse.
-pub fn client(connect: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        // The client's own Host header is forwarded untouched; it is set for HTTP/2 clients.
-        .set_host(false)
-        .build(connector)
+type Sender = http1::SendRequest<Incoming>;
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
 }
 
-/// A fresh HTTP/1.1 connection to `target` able to switch protocols; its driver runs on its
-/// own task and ends with the connection (or the tunnel taking it over).
-pub async fn dial_for_upgrade(
+thread_local! {
+    static IDLE: RefCell<HashMap<SocketAddr, VecDeque<Idle>>> = RefCell::new(HashMap::new());
+}
+
+/// A connection lent to one exchange; [`Pooled::release`] gives it back.
+pub struct Pooled {
+    sender: Sender,
+    target: SocketAddr,
+}
+
+impl Pooled {
+    /// Back to the worker's pool: the exchange ended cleanly, so the connection may carry
+    /// the next request once its driver has read the end of this one.
+    pub fn release(self) {
+        let Pooled { sender, target } = self;
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        // Off a worker's thread at exit the pool is gone: the connection just closes.
+        let _ = IDLE.try_with(|idle| {
+            let mut idle = idle.borrow_mut();
+            let queue = idle.entry(target).or_default();
+            // The oldest are at the front: drop the expired and the closed from there.
+            while queue
+                .front()
+                .is_some_and(|i| i.sender.is_closed() || now.duration_since(i.since) >= POOL_IDLE)
+            {
+                queue.pop_front();
+            }
+            if queue.len() >= MAX_IDLE_PER_TARGET {
+                queue.pop_front();
+            }
+            queue.push_back(Idle { sender, since: now });
+        });
+    }
+}
+
+/// The most recently used idle connection to `target`, if any is still usable.
+fn take_idle(target: SocketAddr) -> Option<Sender> {
+    IDLE.try_with(|idle| {
+        let mut idle = idle.borrow_mut();
+        let queue = idle.get_mut(&target)?;
+        while let Some(i) = queue.pop_back() {
+            if !i.sender.is_closed() && i.since.elapsed() < POOL_IDLE {
+                return Some(i.sender);
+            }
+        }
+        None
+    })
+    .ok()
+    .flatten()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("cannot connect to the target: {0}")]
+    Connect(io::Error),
+    #[error("{0}")]
+    Failed(hyper::Error),
+}
+
+/// Sends `request` to `target` on an idle connection of this worker's pool, or a new one
+/// connected within `connect`. A request an idle connection could not take (the target
+/// closed it meanwhile) comes back unsent and goes on the next connection.
+pub async fn send(
     target: SocketAddr,
     connect: Duration,
-) -> io::Result<http1::SendRequest<Incoming>> {
+    mut request: Request<Incoming>,
+) -> Result<(Response<Incoming>, Pooled), SendError> {
+    while let Some(mut sender) = take_idle(target) {
+        // Ready at once unless its driver has not yet read the end of the previous exchange.
+        if sender.ready().await.is_err() {
+            continue;
+        }
+        match sender.try_send_request(request).await {
+            Ok(response) => return Ok((response, Pooled { sender, target })),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => request = unsent,
+                None => return Err(SendError::Failed(e.into_error())),
+            },
+        }
+    }
+    let mut sender = dial(target, connect, false)
+        .await
+        .map_err(SendError::Connect)?;
+    match sender.try_send_request(request).await {
+        Ok(response) => Ok((response, Pooled { sender, target })),
+        Err(e) => Err(SendError::Failed(e.into_error())),
+    }
+}
+
+/// A fresh HTTP/1.1 connection to `target`; its driver runs on a task of the calling
+/// worker and ends with the connection (or, `upgradable`, the tunnel taking it over).
+async fn dial(target: SocketAddr, connect: Duration, upgradable: bool) -> io::Result<Sender> {
     let stream = tokio::time::timeout(connect, TcpStream::connect(target))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
@@ -46,18 +134,31 @@ pub async fn dial_for_upgrade(
     let (sender, connection) = http1::handshake(TokioIo::new(stream))
         .await
         .map_err(io::Error::other)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.with_upgrades().await {
-            tracing::debug!(%target, error = %e, "upgrade connection to target failed");
-        }
-    });
+    if upgradable {
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(%target, error = %e, "upgrade connection to target failed");
+            }
+        });
+    } else {
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%target, error = %e, "connection to target failed");
+            }
+        });
+    }
     Ok(sender)
+}
+
+/// A fresh connection able to switch protocols, never pooled.
+pub async fn dial_for_upgrade(target: SocketAddr, connect: Duration) -> io::Result<Sender> {
+    dial(target, connect, true).await
 }
 
 /// Sends `request` on a connection from [`dial_for_upgrade`].
 pub async fn send_upgrade(
-    mut sender: http1::SendRequest<Incoming>,
+    mut sender: Sender,
     request: Request<Incoming>,
-) -> hyper::Result<http::Response<Incoming>> {
+) -> hyper::Result<Response<Incoming>> {
     sender.send_request(request).await
 }
