@@ -96,8 +96,7 @@ struct RunningListener {
     name: String,
     config: watch::Sender<Arc<PoolSnapshot>>,
     stop: CancellationToken,
-    /// The accept (or receive) loop.
-    tasks: Vec<JoinHandle<()>>,
+    task: JoinHandle<()>,
     stats: Arc<Stats>,
 }
 
@@ -227,7 +226,7 @@ impl LoadBalancer {
             if let Some(listener) = self.listeners.remove(&key) {
                 listener.stop.cancel();
                 // Waiting lets a later apply bind the same port again straight away.
-                join_all(listener.tasks).await;
+                let _ = listener.task.await;
                 tracing::info!(lb = %self.name, protocol = %key.0, port = key.1, "listener removed");
             }
         }
@@ -251,7 +250,7 @@ impl LoadBalancer {
         }
         for listener in std::mem::take(&mut self.listeners).into_values() {
             listener.stop.cancel();
-            join_all(listener.tasks).await;
+            let _ = listener.task.await;
         }
     }
 
@@ -332,17 +331,17 @@ impl LoadBalancer {
             stop: stop.clone(),
             connections: self.connections.clone(),
         };
-        let tasks = match listener.protocol {
+        let task = match listener.protocol {
             // On the work-stealing runtime: a TCP connection is one task copying both ways,
             // so it wakes no other task, and stealing balances connections across threads
             // (on the L4 benchmark, pinning them to workers measured no better).
             Protocol::Tcp => {
                 let socket = tokio::net::TcpListener::from_std(tcp::bind(local)?)?;
-                vec![tokio::spawn(tcp::serve(socket, ctx))]
+                tokio::spawn(tcp::serve(socket, ctx))
             }
             Protocol::Udp => {
                 let socket = udp::bind(local)?;
-                vec![tokio::spawn(udp::serve(socket, ctx))]
+                tokio::spawn(udp::serve(socket, ctx))
             }
         };
         tracing::info!(lb = %self.name, listener = %listener.name, protocol = %listener.protocol,
@@ -351,7 +350,7 @@ impl LoadBalancer {
             name: listener.name.clone(),
             config: tx,
             stop,
-            tasks,
+            task,
             stats,
         })
     }
@@ -364,13 +363,6 @@ impl Drop for LoadBalancer {
         for listener in self.listeners.values() {
             listener.stop.cancel();
         }
-    }
-}
-
-/// Waits for every task to end (a panicked one counts as ended).
-async fn join_all(tasks: Vec<JoinHandle<()>>) {
-    for task in tasks {
-        let _ = task.await;
     }
 }
 

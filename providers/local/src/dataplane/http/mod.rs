@@ -38,7 +38,7 @@ use self::stats::RequestCounters;
 use self::tls::{CertStore, SniResolver};
 use super::health::{HealthRegistry, ProbeKey};
 use super::source_ranges::SourceRanges;
-use super::{Stats, join_all, workers};
+use super::{Stats, workers};
 
 /// A validated application frontend, its certificates parsed.
 #[derive(Debug)]
@@ -268,6 +268,13 @@ impl HttpFrontend {
         stats.sort_by(|a, b| a.0.cmp(&b.0));
         stats.push((None, &self.shared.unrouted));
         stats
+    }
+}
+
+/// Waits for every accept loop to end (a panicked one counts as ended).
+async fn join_all(tasks: Vec<JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
     }
 }
 
