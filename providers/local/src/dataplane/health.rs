@@ -17,6 +17,10 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 /// The shortest probe period honoured, whatever the spec says, so a typo cannot turn a prober
 /// into a busy loop.
 const MIN_INTERVAL: Duration = Duration::from_millis(50);
+/// Until a target first passes, a failed probe is retried after this, doubling up to the
+/// interval: a new load balancer's targets (a node port opening moments later) should not
+/// wait a whole interval to be routed to.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// Enough of a response for its status line.
 const MAX_STATUS_LINE: usize = 1024;
 
@@ -195,6 +199,9 @@ async fn run(
 ) {
     let mut successes = 0u32;
     let mut failures = 0u32;
+    // Until the target first passes, failures are retried sooner than the interval.
+    let mut passed_once = false;
+    let mut retry = FIRST_RETRY;
     loop {
         let started = Instant::now();
         let params = check.borrow_and_update().clone();
@@ -208,9 +215,13 @@ async fn run(
             Ok(()) => {
                 failures = 0;
                 successes = successes.saturating_add(1);
-                // The first verdict counts at once: a new target should not wait several
+                // The first verdict counts at once, and so does the first pass of a target
+                // that never passed (it was coming up): a new target should not wait several
                 // intervals to be routed to (or, failing, stay in the fail-open set).
-                if before == Health::Unknown || successes >= params.healthy_threshold {
+                if before == Health::Unknown
+                    || !passed_once
+                    || successes >= params.healthy_threshold
+                {
                     Health::Healthy
                 } else {
                     before
@@ -237,7 +248,15 @@ async fn run(
         } else if let Err(e) = &result {
             tracing::debug!(%lb, %node, address = %key.address, port = key.port, error = %e, "probe failed");
         }
-        let next = started + params.interval.max(MIN_INTERVAL);
+        let interval = params.interval.max(MIN_INTERVAL);
+        passed_once |= result.is_ok();
+        let wait = if passed_once || retry >= interval {
+            interval
+        } else {
+            retry *= 2;
+            retry / 2
+        };
+        let next = started + wait;
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
@@ -357,6 +376,46 @@ mod tests {
             matches!(err, ProbeError::Status(ref s) if s.contains("503")),
             "{err}"
         );
+    }
+
+    fn tcp_check(key: &ProbeKey, interval: Duration) -> HealthCheck {
+        HealthCheck {
+            probe: Probe::Tcp { port: key.port },
+            interval,
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_target_that_opens_late_is_healthy_long_before_the_interval() {
+        // A port picked free, then closed: the target is not listening yet.
+        let listener = std::net::TcpListener::bind("127.90.250.3:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let key = ProbeKey::new(addr.ip(), &Probe::Tcp { port: addr.port() });
+        let mut registry = HealthRegistry::default();
+        let interval = Duration::from_secs(60);
+        registry.apply(
+            "lb",
+            vec![(key.clone(), tcp_check(&key, interval), "node".into())],
+        );
+        let cell = registry.cell(&key).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while cell.get() != Health::Unhealthy {
+            assert!(std::time::Instant::now() < deadline, "never probed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _listener = TcpListener::bind(addr).await.unwrap();
+        while cell.get() != Health::Healthy {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still {:?}: the retry waited for the 60 s interval",
+                cell.get()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]

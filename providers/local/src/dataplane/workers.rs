@@ -88,8 +88,14 @@ impl Workers {
                             .build()
                             .expect("a proxy worker needs its own runtime (poller and timers)");
                         let _ = tx.send(runtime.handle().clone());
-                        // Serves what is spawned on the handle for the life of the process.
-                        runtime.block_on(std::future::pending::<()>());
+                        // Serves what is spawned on the handle for the life of the process,
+                        // and closes idle upstream connections that went stale.
+                        runtime.block_on(async {
+                            loop {
+                                tokio::time::sleep(super::http::SWEEP_IDLE_EVERY).await;
+                                super::http::sweep_idle_connections();
+                            }
+                        });
                     })
                     .expect("starting a proxy worker thread");
                 rx.recv().expect("a proxy worker reports its runtime")

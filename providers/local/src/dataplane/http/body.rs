@@ -9,6 +9,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Sleep;
 
+use super::direct;
 use super::upstream::Pooled;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -23,6 +24,12 @@ pub enum ProxyBody {
         deadline: Pin<Box<Sleep>>,
         pooled: Option<Pooled>,
         ended: bool,
+    },
+    /// A bodiless request's answer, read straight off a pooled connection ([`direct`]), cut
+    /// off the same way.
+    Direct {
+        body: direct::Body,
+        deadline: Pin<Box<Sleep>>,
     },
 }
 
@@ -46,6 +53,10 @@ impl ProxyBody {
             pooled,
             ended: false,
         }
+    }
+
+    pub fn direct(body: direct::Body, deadline: Pin<Box<Sleep>>) -> Self {
+        ProxyBody::Direct { body, deadline }
     }
 }
 
@@ -97,6 +108,13 @@ impl Body for ProxyBody {
                     },
                 }
             }
+            ProxyBody::Direct { body, deadline } => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+                Poll::Pending => match deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(DeadlineExceeded.into()))),
+                    Poll::Pending => Poll::Pending,
+                },
+            },
         }
     }
 
@@ -104,6 +122,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Local(data) => data.is_none(),
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Direct { body, .. } => body.is_end_stream(),
         }
     }
 
@@ -113,6 +132,7 @@ impl Body for ProxyBody {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Direct { body, .. } => body.size_hint(),
         }
     }
 }

@@ -25,6 +25,11 @@ pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// `Proxy-Connection` and `Upgrade`. With `upgrading`, `Connection: upgrade` and `Upgrade`
 /// are kept: they are what the next hop must see to switch protocols.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
+    // Most messages carry none of them: one pass over their few names is cheaper than a
+    // hashed lookup per hop-by-hop header.
+    if !upgrading && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Most requests carry no Connection header, or only "keep-alive": no allocation then.
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
@@ -52,6 +57,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
 }
 
 /// Appends the client to `X-Forwarded-For` and says how and for which host it came.
@@ -120,6 +135,24 @@ mod tests {
         remove_hop_by_hop(&mut h, false);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["accept"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_removed() {
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+        ] {
+            let mut h = map(&[("accept", "*/*"), (name, "x")]);
+            remove_hop_by_hop(&mut h, false);
+            let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(left, vec!["accept"], "{name}");
+        }
     }
 
     #[test]

@@ -6,14 +6,17 @@
 //! in-flight requests; certificates rotate the same way inside [`tls::SniResolver`].
 //!
 //! Modules: [`config`] (the snapshot), [`balance`] (target choice and cookie affinity),
-//! [`headers`] (hop-by-hop and forwarding headers), [`proxy`] (one request), [`upstream`]
-//! (connections to targets), [`body`] (response bodies), [`server`] (listeners and client
+//! [`headers`] (hop-by-hop and forwarding headers), [`proxy`] (one request), [`direct`]
+//! (bodiless requests on raw pooled connections), [`upstream`] (hyper's client for requests
+//! with a body and upgrades), [`pool`] (what their per-worker pools share), [`body`] (response bodies), [`server`] (listeners and client
 //! connections), [`tls`] (certificates), [`stats`] (request counters).
 
 pub mod balance;
 mod body;
 pub mod config;
+mod direct;
 pub mod headers;
+mod pool;
 mod proxy;
 mod server;
 pub mod stats;
@@ -31,6 +34,14 @@ use portico_provider::{ApplicationFrontend, PortStatus, Protocol};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+
+pub use self::pool::SWEEP_EVERY as SWEEP_IDLE_EVERY;
+
+/// Closes the calling worker's idle connections to targets that expired or were closed.
+pub fn sweep_idle_connections() {
+    direct::sweep_idle();
+    upstream::sweep_idle();
+}
 
 use self::config::{BackendState, Snapshot};
 use self::proxy::Shared;

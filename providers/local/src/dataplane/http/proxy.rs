@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use http::header::{HOST, LOCATION, SET_COOKIE, UPGRADE};
 use http::uri::{PathAndQuery, Uri};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use portico_provider::HttpTimeouts;
 use portico_provider::routing::Decision;
@@ -27,7 +27,8 @@ use super::body::ProxyBody;
 use super::config::{HttpTarget, Snapshot};
 use super::headers::{add_forwarded, connection_has, remove_hop_by_hop, strip_port};
 use super::stats::RequestCounters;
-use super::upstream;
+use super::upstream::{self, Pooled};
+use super::{direct, pool};
 
 /// What every connection of one L7 load balancer shares.
 pub(super) struct Shared {
@@ -48,6 +49,13 @@ pub(super) struct ClientConn {
     pub tls: bool,
 }
 
+/// A target's answer: from hyper's client (with its pooled connection, none for upgrades), or
+/// read directly off a pooled connection.
+enum Answer {
+    Hyper(Response<Incoming>, Option<Pooled>),
+    Direct(Response<direct::Body>),
+}
+
 #[derive(Debug, thiserror::Error)]
 enum UpstreamError {
     #[error("cannot connect to the target: {0}")]
@@ -56,6 +64,15 @@ enum UpstreamError {
     Timeout,
     #[error("the exchange with the target failed: {0}")]
     Failed(String),
+}
+
+impl<E: std::fmt::Display> From<pool::SendError<E>> for UpstreamError {
+    fn from(e: pool::SendError<E>) -> Self {
+        match e {
+            pool::SendError::Connect(e) => UpstreamError::Connect(e.to_string()),
+            pool::SendError::Failed(e) => UpstreamError::Failed(e.to_string()),
+        }
+    }
 }
 
 impl UpstreamError {
@@ -129,15 +146,22 @@ async fn proxy(
     // One timer for the whole exchange: waiting for the head here, then the body's stream.
     let mut deadline = Box::pin(tokio::time::sleep(snapshot.timeouts.request));
     let result = match client_upgrade {
+        // Most requests: no body to stream, so the task itself writes and reads the target.
+        None if body.is_end_stream() => {
+            drop(body);
+            parts.uri = Uri::from(origin_form(&parts.uri));
+            tokio::select! {
+                biased;
+                r = direct::send(target.addr, snapshot.timeouts.connect, &parts) => r.map(Answer::Direct).map_err(UpstreamError::from),
+                _ = &mut deadline => Err(UpstreamError::Timeout),
+            }
+        }
         None => {
             parts.uri = Uri::from(origin_form(&parts.uri));
             let request = Request::from_parts(parts, body);
             tokio::select! {
                 biased;
-                r = upstream::send(target.addr, snapshot.timeouts.connect, request) => r.map(|(response, pooled)| (response, Some(pooled))).map_err(|e| match e {
-                    upstream::SendError::Connect(e) => UpstreamError::Connect(e.to_string()),
-                    upstream::SendError::Failed(e) => UpstreamError::Failed(e.to_string()),
-                }),
+                r = upstream::send(target.addr, snapshot.timeouts.connect, request) => r.map(|(response, pooled)| Answer::Hyper(response, Some(pooled))).map_err(UpstreamError::from),
                 _ = &mut deadline => Err(UpstreamError::Timeout),
             }
         }
@@ -153,11 +177,11 @@ async fn proxy(
                 client_upgrade,
             )
             .await
-            .map(|response| (response, None))
+            .map(|response| Answer::Hyper(response, None))
         }
     };
-    let (response, pooled) = match result {
-        Ok(exchange) => exchange,
+    let answer = match result {
+        Ok(answer) => answer,
         Err(e) => {
             tracing::debug!(lb = %conn.shared.lb, target = %target.addr, error = %e, "upstream failed");
             let response = e.response();
@@ -165,7 +189,16 @@ async fn proxy(
             return response;
         }
     };
-    let (mut parts, body) = response.into_parts();
+    let (mut parts, body) = match answer {
+        Answer::Hyper(response, pooled) => {
+            let (parts, body) = response.into_parts();
+            (parts, ProxyBody::upstream(body, deadline, pooled))
+        }
+        Answer::Direct(response) => {
+            let (parts, body) = response.into_parts();
+            (parts, ProxyBody::direct(body, deadline))
+        }
+    };
     remove_hop_by_hop(
         &mut parts.headers,
         parts.status == StatusCode::SWITCHING_PROTOCOLS,
@@ -176,7 +209,7 @@ async fn proxy(
         parts.headers.append(SET_COOKIE, cookie.clone());
     }
     counters.count(parts.status);
-    Response::from_parts(parts, ProxyBody::upstream(body, deadline, pooled))
+    Response::from_parts(parts, body)
 }
 
 /// Forwards an upgrade request on a fresh connection; on `101 Switching Protocols` both

@@ -1,6 +1,6 @@
-//! Connections to targets: keep-alive HTTP/1.1 connections pooled per proxy worker for
-//! ordinary requests, and fresh connections for upgrades, which end up owned by a tunnel and
-//! must never return to a pool.
+//! Connections to targets through hyper's client: keep-alive HTTP/1.1 connections pooled per
+//! proxy worker for requests with a body (bodiless ones take [`super::direct`]), and fresh
+//! connections for upgrades, which end up owned by a tunnel and must never return to a pool.
 //!
 //! The pool is the worker's own (thread-local): a connection is driven by a task on the
 //! worker that opened it and only that worker's requests use it, so taking one and giving
@@ -9,10 +9,9 @@
 //! any other way is dropped, which closes it.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -20,20 +19,18 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// Idle connections to targets are closed after this long.
-const POOL_IDLE: Duration = Duration::from_secs(90);
-/// Idle connections kept per target and worker; beyond it the oldest is closed.
-const MAX_IDLE_PER_TARGET: usize = 1024;
+use super::pool::{self, IdlePool, Reusable};
 
 type Sender = http1::SendRequest<Incoming>;
 
-struct Idle {
-    sender: Sender,
-    since: Instant,
+impl Reusable for Sender {
+    fn usable(&self) -> bool {
+        !self.is_closed()
+    }
 }
 
 thread_local! {
-    static IDLE: RefCell<HashMap<SocketAddr, VecDeque<Idle>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<IdlePool<Sender>> = RefCell::new(IdlePool::default());
 }
 
 /// A connection lent to one exchange; [`Pooled::release`] gives it back.
@@ -50,49 +47,23 @@ impl Pooled {
         if sender.is_closed() {
             return;
         }
-        let now = Instant::now();
         // Off a worker's thread at exit the pool is gone: the connection just closes.
-        let _ = IDLE.try_with(|idle| {
-            let mut idle = idle.borrow_mut();
-            let queue = idle.entry(target).or_default();
-            // The oldest are at the front: drop the expired and the closed from there.
-            while queue
-                .front()
-                .is_some_and(|i| i.sender.is_closed() || now.duration_since(i.since) >= POOL_IDLE)
-            {
-                queue.pop_front();
-            }
-            if queue.len() >= MAX_IDLE_PER_TARGET {
-                queue.pop_front();
-            }
-            queue.push_back(Idle { sender, since: now });
-        });
+        let _ = IDLE.try_with(|idle| idle.borrow_mut().put(target, sender));
     }
 }
 
-/// The most recently used idle connection to `target`, if any is still usable.
-fn take_idle(target: SocketAddr) -> Option<Sender> {
-    IDLE.try_with(|idle| {
-        let mut idle = idle.borrow_mut();
-        let queue = idle.get_mut(&target)?;
-        while let Some(i) = queue.pop_back() {
-            if !i.sender.is_closed() && i.since.elapsed() < POOL_IDLE {
-                return Some(i.sender);
-            }
-        }
-        None
-    })
-    .ok()
-    .flatten()
+/// Forgets this worker's idle connections that expired or whose driver ended.
+pub fn sweep_idle() {
+    let _ = IDLE.try_with(|idle| idle.borrow_mut().sweep());
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    #[error("cannot connect to the target: {0}")]
-    Connect(io::Error),
-    #[error("{0}")]
-    Failed(hyper::Error),
+fn take_idle(target: SocketAddr) -> Option<Sender> {
+    IDLE.try_with(|idle| idle.borrow_mut().take(target))
+        .ok()
+        .flatten()
 }
+
+pub type SendError = pool::SendError<hyper::Error>;
 
 /// Sends `request` to `target` on an idle connection of this worker's pool, or a new one
 /// connected within `connect`. A request an idle connection could not take (the target
