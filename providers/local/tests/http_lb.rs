@@ -725,6 +725,47 @@ async fn a_target_slower_than_the_request_timeout_gets_504_and_a_dead_one_502() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connections_are_closed_but_a_slow_request_is_not_idle() {
+    let net = Net::new(100, 22);
+    let cloud = TestCloud::start(net).await;
+    let a = HttpTarget::start("a", net.target_ip(1)).await;
+    let mut app = app(routes(vec![], Some("a")), vec![backend("a", &[&a])]);
+    app.timeouts.idle = SLOW / 4;
+    let lb = at(create(&cloud, &app_spec("idle", app)).await, 80);
+    cloud.wait_health("idle", 1, 0).await;
+
+    // In flight for four idle periods: answered, not cut off.
+    let mut conn = H1::connect(net.client(1), lb).await;
+    assert_eq!(conn.get("x", "/slow", &[]).await.status, 200);
+
+    // Answered, then nothing more: the proxy closes the connection.
+    let mut idle = tcp_from(net.client(2), lb).await;
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, idle.read_to_end(&mut answer))
+        .await
+        .expect("an idle connection was kept open")
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // A request head that never completes does not hold the connection either.
+    let mut trickle = tcp_from(net.client(3), lb).await;
+    trickle.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    let mut rest = Vec::new();
+    // Closed (a FIN or a reset, either ends the read) rather than waited on.
+    let _closed = tokio::time::timeout(WAIT, trickle.read_to_end(&mut rest))
+        .await
+        .expect("a half-sent request head kept the connection open");
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_that_refuses_connections_gets_502() {
     let net = Net::new(100, 17);
     let cloud = TestCloud::start(net).await;
