@@ -250,11 +250,12 @@ async fn run(
         }
         let interval = params.interval.max(MIN_INTERVAL);
         passed_once |= result.is_ok();
-        let wait = if passed_once || retry >= interval {
+        let wait = if passed_once {
             interval
         } else {
-            retry *= 2;
-            retry / 2
+            let wait = retry.min(interval);
+            retry = (retry * 2).min(interval);
+            wait
         };
         let next = started + wait;
         tokio::select! {

@@ -55,22 +55,9 @@ impl Reusable for Conn {
     }
 }
 
-impl Conn {
-    fn release(self) {
-        // Off a worker's thread at exit the pool is gone: the connection just closes.
-        let _ = IDLE.try_with(|idle| idle.borrow_mut().put(self.target, self));
-    }
-}
-
 /// Closes this worker's idle connections that expired or that their target closed.
 pub fn sweep_idle() {
-    let _ = IDLE.try_with(|idle| idle.borrow_mut().sweep());
-}
-
-fn take_idle(target: SocketAddr) -> Option<Conn> {
-    IDLE.try_with(|idle| idle.borrow_mut().take(target))
-        .ok()
-        .flatten()
+    pool::with(&IDLE, IdlePool::sweep);
 }
 
 pub type SendError = pool::SendError<io::Error>;
@@ -88,7 +75,7 @@ pub async fn send(
     connect: Duration,
     parts: &Parts,
 ) -> Result<Response<Body>, SendError> {
-    if let Some(conn) = take_idle(target) {
+    if let Some(conn) = pool::with(&IDLE, |idle| idle.take(target)).flatten() {
         match exchange(conn, parts).await {
             Ok(response) => return Ok(response),
             Err(Failure { error, answered }) => {
@@ -135,6 +122,8 @@ async fn exchange(mut conn: Conn, parts: &Parts) -> Result<Response<Body>, Failu
         .await
         .map_err(unanswered)?;
     let mut buf = std::mem::take(&mut conn.read);
+    // Once any of an answer has arrived, the target has seen the request.
+    let mut answered = false;
     loop {
         if !buf.is_empty() {
             match parse_head(&mut buf, &parts.method) {
@@ -166,7 +155,6 @@ async fn exchange(mut conn: Conn, parts: &Parts) -> Result<Response<Body>, Failu
             }
         }
         buf.reserve(READ_SIZE);
-        let answered = !buf.is_empty();
         let n = conn
             .stream
             .read_buf(&mut buf)
@@ -181,6 +169,7 @@ async fn exchange(mut conn: Conn, parts: &Parts) -> Result<Response<Body>, Failu
                 answered,
             });
         }
+        answered = true;
     }
 }
 
@@ -358,14 +347,13 @@ impl Body {
 
     /// At the clean end: back to the pool if the connection may carry another exchange.
     fn finish(&mut self) {
-        if let Some(conn) = self.conn.take()
+        if let Some(mut conn) = self.conn.take()
             && self.keep_alive
             && self.ended()
             && self.buf.is_empty()
         {
-            let mut conn = conn;
             conn.read = std::mem::take(&mut self.buf);
-            conn.release();
+            pool::with(&IDLE, |idle| idle.put(conn.target, conn));
         }
     }
 
@@ -397,10 +385,7 @@ impl Body {
                         return Poll::Ready(Some(Ok(data)));
                     }
                     if ready!(self.poll_fill(cx))? == 0 {
-                        return Poll::Ready(Some(Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the target closed the connection mid-body",
-                        ))));
+                        return Poll::Ready(Some(Err(cut_short())));
                     }
                 }
                 Framing::Close => {
@@ -420,16 +405,20 @@ impl Body {
                     Step::Next(next) => self.framing = Framing::Chunked(next),
                     Step::More => {
                         if ready!(self.poll_fill(cx))? == 0 {
-                            return Poll::Ready(Some(Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "the target closed the connection mid-body",
-                            ))));
+                            return Poll::Ready(Some(Err(cut_short())));
                         }
                     }
                 },
             }
         }
     }
+}
+
+fn cut_short() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the target closed the connection mid-body",
+    )
 }
 
 impl Drop for Body {

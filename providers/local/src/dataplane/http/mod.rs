@@ -8,8 +8,9 @@
 //! Modules: [`config`] (the snapshot), [`balance`] (target choice and cookie affinity),
 //! [`headers`] (hop-by-hop and forwarding headers), [`proxy`] (one request), [`direct`]
 //! (bodiless requests on raw pooled connections), [`upstream`] (hyper's client for requests
-//! with a body and upgrades), [`pool`] (what their per-worker pools share), [`body`] (response bodies), [`server`] (listeners and client
-//! connections), [`tls`] (certificates), [`stats`] (request counters).
+//! with a body and upgrades), [`pool`] (what their per-worker pools share), [`body`]
+//! (response bodies), [`server`] (listeners and client connections), [`tls`] (certificates),
+//! [`stats`] (request counters).
 
 pub mod balance;
 mod body;
@@ -35,14 +36,6 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-pub use self::pool::SWEEP_EVERY as SWEEP_IDLE_EVERY;
-
-/// Closes the calling worker's idle connections to targets that expired or were closed.
-pub fn sweep_idle_connections() {
-    direct::sweep_idle();
-    upstream::sweep_idle();
-}
-
 use self::config::{BackendState, Snapshot};
 use self::proxy::Shared;
 use self::stats::RequestCounters;
@@ -50,6 +43,14 @@ use self::tls::{CertStore, SniResolver};
 use super::health::{HealthRegistry, ProbeKey};
 use super::source_ranges::SourceRanges;
 use super::{Stats, workers};
+
+pub use self::pool::SWEEP_EVERY as SWEEP_IDLE_EVERY;
+
+/// Closes the calling worker's idle connections to targets that expired or were closed.
+pub fn sweep_idle_connections() {
+    direct::sweep_idle();
+    upstream::sweep_idle();
+}
 
 /// A validated application frontend, its certificates parsed.
 #[derive(Debug)]

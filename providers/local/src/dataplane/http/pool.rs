@@ -3,9 +3,11 @@
 //! taken first, the oldest dropped first, and a periodic sweep counted in sweeps rather than
 //! clock readings, so lending a connection reads no clock.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::thread::LocalKey;
 use std::time::Duration;
 
 /// How often each worker sweeps its pools.
@@ -42,17 +44,29 @@ impl<C> Default for IdlePool<C> {
     }
 }
 
-impl<C: Reusable> IdlePool<C> {
-    fn fresh(&self, idle: &Idle<C>) -> bool {
-        self.sweeps - idle.since < IDLE_SWEEPS
+impl<C> Idle<C> {
+    /// Idle for fewer than [`IDLE_SWEEPS`] sweeps, `sweeps` being the pool's count now.
+    fn fresh(&self, sweeps: u64) -> bool {
+        sweeps - self.since < IDLE_SWEEPS
     }
+}
 
+/// Runs `f` on the calling thread's pool in `key`; `None` once the thread is exiting (its
+/// pool is gone, so a connection given back just closes).
+pub fn with<C: 'static, R>(
+    key: &'static LocalKey<RefCell<IdlePool<C>>>,
+    f: impl FnOnce(&mut IdlePool<C>) -> R,
+) -> Option<R> {
+    key.try_with(|pool| f(&mut pool.borrow_mut())).ok()
+}
+
+impl<C: Reusable> IdlePool<C> {
     /// The most recently used idle connection to `target` that is still usable.
     pub fn take(&mut self, target: SocketAddr) -> Option<C> {
         let sweeps = self.sweeps;
         let queue = self.by_target.get_mut(&target)?;
         while let Some(idle) = queue.pop_back() {
-            if sweeps - idle.since < IDLE_SWEEPS && idle.conn.usable() {
+            if idle.fresh(sweeps) && idle.conn.usable() {
                 return Some(idle.conn);
             }
         }
@@ -64,10 +78,7 @@ impl<C: Reusable> IdlePool<C> {
         let sweeps = self.sweeps;
         let queue = self.by_target.entry(target).or_default();
         // The oldest are at the front.
-        while queue
-            .front()
-            .is_some_and(|i| sweeps - i.since >= IDLE_SWEEPS)
-        {
+        while queue.front().is_some_and(|i| !i.fresh(sweeps)) {
             queue.pop_front();
         }
         if queue.len() >= MAX_IDLE_PER_TARGET {
@@ -84,12 +95,11 @@ impl<C: Reusable> IdlePool<C> {
     /// good once nothing routes there).
     pub fn sweep(&mut self) {
         self.sweeps += 1;
-        let mut by_target = std::mem::take(&mut self.by_target);
-        by_target.retain(|_, queue| {
-            queue.retain(|idle| self.fresh(idle) && idle.conn.usable());
+        let sweeps = self.sweeps;
+        self.by_target.retain(|_, queue| {
+            queue.retain(|idle| idle.fresh(sweeps) && idle.conn.usable());
             !queue.is_empty()
         });
-        self.by_target = by_target;
     }
 
     /// Idle connections to `target`.

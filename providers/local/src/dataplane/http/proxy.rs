@@ -145,11 +145,11 @@ async fn proxy(
 
     // One timer for the whole exchange: waiting for the head here, then the body's stream.
     let mut deadline = Box::pin(tokio::time::sleep(snapshot.timeouts.request));
+    parts.uri = Uri::from(origin_form(&parts.uri));
     let result = match client_upgrade {
         // Most requests: no body to stream, so the task itself writes and reads the target.
         None if body.is_end_stream() => {
             drop(body);
-            parts.uri = Uri::from(origin_form(&parts.uri));
             tokio::select! {
                 biased;
                 r = direct::send(target.addr, snapshot.timeouts.connect, &parts) => r.map(Answer::Direct).map_err(UpstreamError::from),
@@ -157,7 +157,6 @@ async fn proxy(
             }
         }
         None => {
-            parts.uri = Uri::from(origin_form(&parts.uri));
             let request = Request::from_parts(parts, body);
             tokio::select! {
                 biased;
@@ -166,7 +165,6 @@ async fn proxy(
             }
         }
         Some(client_upgrade) => {
-            parts.uri = Uri::from(origin_form(&parts.uri));
             let request = Request::from_parts(parts, body);
             upgrade(
                 conn,

@@ -47,20 +47,13 @@ impl Pooled {
         if sender.is_closed() {
             return;
         }
-        // Off a worker's thread at exit the pool is gone: the connection just closes.
-        let _ = IDLE.try_with(|idle| idle.borrow_mut().put(target, sender));
+        pool::with(&IDLE, |idle| idle.put(target, sender));
     }
 }
 
 /// Forgets this worker's idle connections that expired or whose driver ended.
 pub fn sweep_idle() {
-    let _ = IDLE.try_with(|idle| idle.borrow_mut().sweep());
-}
-
-fn take_idle(target: SocketAddr) -> Option<Sender> {
-    IDLE.try_with(|idle| idle.borrow_mut().take(target))
-        .ok()
-        .flatten()
+    pool::with(&IDLE, IdlePool::sweep);
 }
 
 pub type SendError = pool::SendError<hyper::Error>;
@@ -73,7 +66,7 @@ pub async fn send(
     connect: Duration,
     mut request: Request<Incoming>,
 ) -> Result<(Response<Incoming>, Pooled), SendError> {
-    while let Some(mut sender) = take_idle(target) {
+    while let Some(mut sender) = pool::with(&IDLE, |idle| idle.take(target)).flatten() {
         // Ready at once unless its driver has not yet read the end of the previous exchange.
         if sender.ready().await.is_err() {
             continue;
