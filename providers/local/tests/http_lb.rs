@@ -317,18 +317,7 @@ async fn a_connection_the_target_closed_while_pooled_is_not_used_again() {
     let net = Net::new(100, 19);
     let cloud = TestCloud::start(net).await;
     let addr = target_closing_idle_connections(net.target_ip(1), Duration::from_millis(50)).await;
-    let web = Backend {
-        name: "web".into(),
-        timeouts: None,
-        pool: TargetPool {
-            targets: vec![target("closing", addr)],
-            health_check: fast_check(Probe::Tcp { port: TARGET_PORT }),
-            affinity: SessionAffinity::None,
-            proxy_protocol: false,
-            preserve_client_ip: false,
-            drain_timeout: None,
-        },
-    };
+    let web = backend_at("web", &[("closing", addr)]);
     let spec = app_spec("closing", app(routes(vec![], Some("web")), vec![web]));
     let lb = at(create(&cloud, &spec).await, 80);
     cloud.wait_health("closing", 1, 0).await;
@@ -969,5 +958,242 @@ async fn invalid_http_specs_are_rejected() {
             .unwrap()
             .is_empty()
     );
+    cloud.stop().await;
+}
+
+/// A target speaking raw HTTP/1.1, answering by path: `/length` (with hop-by-hop headers,
+/// one named by `Connection`), `/chunked`, `/close` (a body that runs to the close), `/echo`
+/// (the request head it got, as the body), and a request with a body gets its length back.
+async fn raw_target(ip: std::net::Ipv4Addr) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind((ip, TARGET_PORT))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8(buf[..end + 4].to_vec()).unwrap();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(str::to_string)
+                        })
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    while buf.len() < end + 4 + length {
+                        let mut chunk = [0u8; 4096];
+                        let n = stream.read(&mut chunk).await.unwrap();
+                        assert!(n > 0, "the body was cut short");
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    buf.drain(..end + 4 + length);
+                    let path = head.split(' ').nth(1).unwrap().to_string();
+                    let answer = match path.as_str() {
+                        _ if length > 0 => {
+                            let body = format!("got {length} bytes");
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+                        }
+                        "/length" => "HTTP/1.1 200 OK\r\nConnection: x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: 2\r\nContent-Length: 5\r\n\r\nhello".to_string(),
+                        "/chunked" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4;x=y\r\ndefg\r\n0\r\nTrailer: t\r\n\r\n".to_string(),
+                        "/close" => {
+                            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the close").await;
+                            return;
+                        }
+                        _ => format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{head}", head.len()),
+                    };
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One response off `stream` (after what `buf` already holds): its head and decoded body.
+async fn raw_response(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (String, String) {
+    async fn more(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> bool {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+    let end = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        assert!(more(stream, buf).await, "closed before a response head");
+    };
+    let head = String::from_utf8(buf.drain(..end + 4).collect())
+        .unwrap()
+        .to_ascii_lowercase();
+    let mut body = Vec::new();
+    if head.contains("transfer-encoding: chunked\r\n") {
+        loop {
+            let line_end = loop {
+                if let Some(at) = buf.windows(2).position(|w| w == b"\r\n") {
+                    break at;
+                }
+                assert!(more(stream, buf).await);
+            };
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&buf[..line_end]).unwrap(), 16).unwrap();
+            while buf.len() < line_end + 2 + size + 2 {
+                assert!(more(stream, buf).await);
+            }
+            body.extend_from_slice(&buf[line_end + 2..line_end + 2 + size]);
+            buf.drain(..line_end + 2 + size + 2);
+            if size == 0 {
+                break;
+            }
+        }
+    } else if let Some(length) = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+    {
+        let length: usize = length.trim().parse().unwrap();
+        while buf.len() < length {
+            assert!(more(stream, buf).await);
+        }
+        body = buf.drain(..length).collect();
+    } else {
+        while more(stream, buf).await {}
+        body = std::mem::take(buf);
+    }
+    (head, String::from_utf8(body).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http11_on_the_wire_pipelined_in_every_framing_and_handed_to_hyper_for_a_body() {
+    let net = Net::new(100, 23);
+    let cloud = TestCloud::start(net).await;
+    let addr = raw_target(net.target_ip(1)).await;
+    let web = backend_at("web", &[("raw", addr)]);
+    let lb = at(
+        create(
+            &cloud,
+            &app_spec("wire", app(routes(vec![], Some("web")), vec![web])),
+        )
+        .await,
+        80,
+    );
+    cloud.wait_health("wire", 1, 0).await;
+
+    let mut client = tcp_from(net.client(1), lb).await;
+    let mut buf = Vec::new();
+    // Three requests in one write: answered in order on the one connection.
+    client
+        .write_all(
+            b"GET /echo HTTP/1.1\r\nHost: wire.example\r\nConnection: keep-alive, x-private\r\nX-Private: secret\r\nTE: trailers\r\nUpgrade: h2c\r\nX-Forwarded-For: 10.1.2.3\r\nX-Forwarded-Proto: spoofed\r\nCookie: a=b\r\n\r\n\
+              GET /length HTTP/1.1\r\nHost: wire.example\r\n\r\n\
+              GET /chunked HTTP/1.1\r\nHost: wire.example\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let (head, echoed) = raw_response(&mut client, &mut buf).await;
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(head.contains("\r\ndate: "), "{head}");
+    assert!(
+        echoed.contains("\r\nCookie: a=b\r\n"),
+        "names keep their case: {echoed}"
+    );
+    let echoed = echoed.to_ascii_lowercase();
+    assert!(echoed.starts_with("get /echo http/1.1\r\n"), "{echoed}");
+    for kept in [
+        "host: wire.example",
+        "cookie: a=b",
+        "x-forwarded-proto: http",
+        "x-forwarded-host: wire.example",
+    ] {
+        assert!(
+            echoed.contains(&format!("\r\n{kept}\r\n")),
+            "{kept} in {echoed}"
+        );
+    }
+    let client_ip = net.client(1);
+    assert!(
+        echoed.contains(&format!("\r\nx-forwarded-for: 10.1.2.3, {client_ip}\r\n")),
+        "{echoed}"
+    );
+    for dropped in ["connection:", "x-private:", "te:", "upgrade:", "spoofed"] {
+        assert!(!echoed.contains(dropped), "{dropped} in {echoed}");
+    }
+
+    let (head, body) = raw_response(&mut client, &mut buf).await;
+    assert_eq!(body, "hello");
+    assert!(head.contains("x-kept: 2\r\n"), "{head}");
+    for dropped in ["connection:", "x-hop:", "keep-alive:"] {
+        assert!(!head.contains(dropped), "{dropped} in {head}");
+    }
+    let (head, body) = raw_response(&mut client, &mut buf).await;
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    assert_eq!(body, "abcdefg", "chunks relayed, trailers dropped");
+
+    // A request with a body: hyper serves the connection from here on, still kept alive.
+    client
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nHost: wire.example\r\nContent-Length: 11\r\n\r\nhello world",
+        )
+        .await
+        .unwrap();
+    let (_, body) = raw_response(&mut client, &mut buf).await;
+    assert_eq!(body, "got 11 bytes");
+    client
+        .write_all(b"GET /length HTTP/1.1\r\nHost: wire.example\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(raw_response(&mut client, &mut buf).await.1, "hello");
+
+    // A body that runs to the target's close: the client's connection closes after it.
+    let mut client = tcp_from(net.client(2), lb).await;
+    let mut buf = Vec::new();
+    client
+        .write_all(b"GET /close HTTP/1.1\r\nHost: wire.example\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = raw_response(&mut client, &mut buf).await;
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(body, "until the close");
+
+    // The client asks to close: told so, and closed.
+    let mut client = tcp_from(net.client(3), lb).await;
+    let mut buf = Vec::new();
+    client
+        .write_all(b"GET /length HTTP/1.1\r\nHost: wire.example\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = raw_response(&mut client, &mut buf).await;
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(body, "hello");
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, client.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.is_empty());
+
+    // HTTP/1.0 goes to hyper, and is answered.
+    let mut client = tcp_from(net.client(4), lb).await;
+    let mut buf = Vec::new();
+    client
+        .write_all(b"GET /length HTTP/1.0\r\nHost: wire.example\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(raw_response(&mut client, &mut buf).await.1, "hello");
     cloud.stop().await;
 }

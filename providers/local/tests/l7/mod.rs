@@ -388,11 +388,21 @@ pub async fn tls_connect(
 
 /// A backend over `targets`, health-checked by TCP connect on the target port.
 pub fn backend(name: &str, targets: &[&HttpTarget]) -> Backend {
+    let targets: Vec<(&str, SocketAddr)> =
+        targets.iter().map(|t| (t.name.as_str(), t.addr)).collect();
+    backend_at(name, &targets)
+}
+
+/// [`backend`] over targets of any kind, given as (node, address).
+pub fn backend_at(name: &str, targets: &[(&str, SocketAddr)]) -> Backend {
     Backend {
         name: name.into(),
         timeouts: None,
         pool: TargetPool {
-            targets: targets.iter().map(|t| target(&t.name, t.addr)).collect(),
+            targets: targets
+                .iter()
+                .map(|(node, addr)| target(node, *addr))
+                .collect(),
             health_check: fast_check(Probe::Tcp { port: TARGET_PORT }),
             affinity: SessionAffinity::None,
             proxy_protocol: false,

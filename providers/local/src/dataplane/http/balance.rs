@@ -3,8 +3,8 @@
 
 use std::net::IpAddr;
 
-use http::HeaderMap;
 use http::header::COOKIE;
+use http::{HeaderMap, HeaderValue};
 
 use super::config::BackendPool;
 
@@ -20,8 +20,25 @@ pub struct Pick {
 impl BackendPool {
     /// `None` when no target may get traffic.
     pub fn pick(&self, headers: &HeaderMap, client: IpAddr) -> Option<Pick> {
+        self.pick_with(
+            |name| {
+                cookie_value(
+                    headers.get_all(COOKIE).iter().map(HeaderValue::as_bytes),
+                    name,
+                )
+            },
+            client,
+        )
+    }
+
+    /// [`Self::pick`], given how to find the affinity cookie's value among the request's.
+    pub fn pick_with<'a>(
+        &self,
+        cookie: impl FnOnce(&str) -> Option<&'a str>,
+        client: IpAddr,
+    ) -> Option<Pick> {
         if let Some(name) = &self.cookie {
-            let pinned = cookie_value(headers, name).and_then(|id| {
+            let pinned = cookie(name).and_then(|id| {
                 self.targets
                     .iter()
                     .position(|t| t.cookie_id == id)
@@ -49,11 +66,12 @@ impl BackendPool {
 
 /// The value of cookie `name` in the request's `Cookie` headers (HTTP/2 clients may split
 /// them into several).
-pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+pub fn cookie_value<'a>(
+    cookie_headers: impl Iterator<Item = &'a [u8]>,
+    name: &str,
+) -> Option<&'a str> {
+    cookie_headers
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(';'))
         .find_map(|pair| {
             let (n, v) = pair.trim().split_once('=')?;
@@ -72,16 +90,16 @@ pub fn is_valid_cookie_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     #[test]
     fn the_named_cookie_is_found_among_others_and_across_headers() {
         let mut h = HeaderMap::new();
         h.append(COOKIE, HeaderValue::from_static("a=1; route=x"));
         h.append(COOKIE, HeaderValue::from_static("b=2;route2=y; lb=\"abc\""));
-        assert_eq!(cookie_value(&h, "route"), Some("x"));
-        assert_eq!(cookie_value(&h, "lb"), Some("abc"));
-        assert_eq!(cookie_value(&h, "rout"), None);
+        let find = |name| cookie_value(h.get_all(COOKIE).iter().map(HeaderValue::as_bytes), name);
+        assert_eq!(find("route"), Some("x"));
+        assert_eq!(find("lb"), Some("abc"));
+        assert_eq!(find("rout"), None);
     }
 
     #[test]

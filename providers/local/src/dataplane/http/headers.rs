@@ -69,6 +69,22 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || *name == header::UPGRADE
 }
 
+/// [`is_hop_by_hop`] for a raw header name, any case.
+pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
+    const NAMES: [&[u8]; 7] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ];
+    NAMES
+        .iter()
+        .any(|n| n.len() == name.len() && n.eq_ignore_ascii_case(name))
+}
+
 /// Appends the client to `X-Forwarded-For` and says how and for which host it came.
 pub fn add_forwarded(
     headers: &mut HeaderMap,

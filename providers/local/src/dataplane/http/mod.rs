@@ -6,7 +6,8 @@
 //! in-flight requests; certificates rotate the same way inside [`tls::SniResolver`].
 //!
 //! Modules: [`config`] (the snapshot), [`balance`] (target choice and cookie affinity),
-//! [`headers`] (hop-by-hop and forwarding headers), [`proxy`] (one request), [`direct`]
+//! [`headers`] (hop-by-hop and forwarding headers), [`h1`] (HTTP/1.1 client connections
+//! without hyper for bodiless requests), [`proxy`] (one request through hyper), [`direct`]
 //! (bodiless requests on raw pooled connections), [`upstream`] (hyper's client for requests
 //! with a body and upgrades), [`pool`] (what their per-worker pools share), [`body`]
 //! (response bodies), [`server`] (listeners and client connections), [`tls`] (certificates),
@@ -16,6 +17,7 @@ pub mod balance;
 mod body;
 pub mod config;
 mod direct;
+mod h1;
 pub mod headers;
 mod pool;
 mod proxy;

@@ -1,6 +1,8 @@
-//! One request through the L7 proxy: redirect or route, pick a target, rewrite headers, send
-//! it upstream on a pooled connection (or a fresh one to switch protocols), and stream the
-//! answer back within the request timeout.
+//! One request that hyper serves (HTTP/2, HTTP/1.0, a request with a body or an upgrade, or
+//! anything after one on the same connection; the rest takes [`super::h1`]'s fast path):
+//! redirect or route, pick a target, rewrite headers, send it upstream on a pooled connection
+//! (or a fresh one to switch protocols), and stream the answer back within the request
+//! timeout.
 //!
 //! A target that cannot be connected to answers 502 at once; the request is not retried on
 //! another target (its body may already be partly consumed, and keeping a copy of every

@@ -1,5 +1,6 @@
-//! HTTP(S) listeners: accept, admit by source range, terminate TLS, and serve HTTP/1.1
-//! (keep-alive) and HTTP/2 on each connection with [`proxy::handle`] per request.
+//! HTTP(S) listeners: accept, admit by source range, terminate TLS, and serve each
+//! connection: HTTP/1.1 on the fast path ([`h1`]) until a request needs hyper, then (and for
+//! HTTP/2) hyper with [`proxy::handle`] per request.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::h1::{self, Outcome, Prefixed};
 use super::proxy::{self, ClientConn, Shared};
 use crate::dataplane::workers::{self, Placed};
 use crate::dataplane::{ActiveGuard, Stats};
@@ -94,7 +96,7 @@ async fn connection(port: Arc<Port>, stream: TcpStream, peer: SocketAddr, _place
         tls: port.tls.is_some(),
     });
     match &port.tls {
-        None => serve_http(&port, conn, stream).await,
+        None => serve_http1(&port, conn, stream).await,
         Some(acceptor) => {
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
             let stream = tokio::select! {
@@ -109,8 +111,23 @@ async fn connection(port: Arc<Port>, stream: TcpStream, peer: SocketAddr, _place
                     Err(_) => return,
                 },
             };
-            serve_http(&port, conn, stream).await;
+            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                serve_http(&port, conn, stream).await;
+            } else {
+                serve_http1(&port, conn, stream).await;
+            }
         }
+    }
+}
+
+/// HTTP/1.1 on the fast path ([`h1`]) until a request needs hyper, then hyper.
+async fn serve_http1<I>(port: &Port, conn: Arc<ClientConn>, mut io: I)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match h1::serve(port, &conn, &mut io).await {
+        Outcome::Done => {}
+        Outcome::Handoff(read) => serve_http(port, conn, Prefixed::new(read.freeze(), io)).await,
     }
 }
 
