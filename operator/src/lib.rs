@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod ensured;
 pub mod error;
+pub mod events;
 pub mod gc;
 pub mod http;
 pub mod ingress;

@@ -12,6 +12,7 @@ use k8s_openapi::api::networking::v1::IngressClass;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::{Api, Client};
 use portico_crds::ProviderConfig;
+use portico_operator::events::EventSink;
 use portico_operator::http::Readiness;
 use portico_operator::leader::LeaderElector;
 use portico_operator::metrics::Metrics;
@@ -207,13 +208,13 @@ async fn main() -> anyhow::Result<()> {
         Box::new(build_provider),
     ));
 
-    let recorder = Recorder::new(
+    let events = EventSink::new(Recorder::new(
         client.clone(),
         Reporter {
             controller: "portico.dev/service-controller".into(),
             instance: Some(instance.clone()),
         },
-    );
+    ));
     if !args.ingress_class.is_empty() {
         ensure_ingress_class(&client, &args.ingress_class, args.default_ingress_class).await?;
     }
@@ -239,13 +240,13 @@ async fn main() -> anyhow::Result<()> {
         policies.clone(),
         ingress_classes,
         cluster_id.clone(),
-        Recorder::new(
+        EventSink::new(Recorder::new(
             client.clone(),
             Reporter {
                 controller: "portico.dev/ingress-controller".into(),
                 instance: Some(instance.clone()),
             },
-        ),
+        )),
         metrics.clone(),
         Duration::from_secs(args.resync_seconds),
     ));
@@ -254,7 +255,7 @@ async fn main() -> anyhow::Result<()> {
         providers.clone(),
         nodes,
         policies,
-        recorder,
+        events,
         metrics.clone(),
         Settings {
             cluster_id: cluster_id.clone(),

@@ -3,7 +3,7 @@
 
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::{Api, Client, Resource, ResourceExt};
 use portico_provider::{LoadBalancerName, Ownership};
 use serde::Serialize;
@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::error::{Error, Result, kube_call};
+use crate::events::EventSink;
 
 /// A namespaced object a controller writes to.
 pub trait Served:
@@ -169,7 +170,7 @@ pub async fn patch_status<K: Served>(
 /// one must not delay it either, so it is written off the reconcile's path (with its own
 /// timeout). Their timestamps, not their arrival, order them.
 pub async fn publish<K: Served>(
-    recorder: &Recorder,
+    events: &EventSink,
     obj: &K,
     type_: EventType,
     reason: &str,
@@ -182,18 +183,5 @@ pub async fn publish<K: Served>(
         action: "SyncLoadBalancer".into(),
         secondary: None,
     };
-    let reference = obj.object_ref(&());
-    let (recorder, object, reason) = (recorder.clone(), key(obj), reason.to_string());
-    tokio::spawn(async move {
-        match tokio::time::timeout(
-            crate::error::API_TIMEOUT,
-            recorder.publish(&event, &reference),
-        )
-        .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(%object, %reason, error = %e, "could not record event"),
-            Err(_) => tracing::warn!(%object, %reason, "recording an event timed out"),
-        }
-    });
+    events.publish(event, obj.object_ref(&()), key(obj));
 }

@@ -11,7 +11,9 @@ use k8s_openapi::api::core::v1::{Node, Secret, Service};
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::api::ObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::events::EventType;
+
+use crate::events::EventSink;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -44,7 +46,7 @@ pub struct Context {
     pub policies: Policies,
     pub classes: Store<IngressClass>,
     pub cluster_id: String,
-    pub recorder: Recorder,
+    pub events: EventSink,
     pub metrics: Arc<Metrics>,
     pub backoff: Backoff,
     pub resync: Duration,
@@ -60,7 +62,7 @@ impl Context {
         policies: Policies,
         classes: Store<IngressClass>,
         cluster_id: String,
-        recorder: Recorder,
+        events: EventSink,
         metrics: Arc<Metrics>,
         resync: Duration,
     ) -> Self {
@@ -71,7 +73,7 @@ impl Context {
             policies,
             classes,
             cluster_id,
-            recorder,
+            events,
             metrics,
             backoff: Backoff::default(),
             resync,
@@ -137,7 +139,7 @@ async fn reconcile_ingress(ingress: &Ingress, ctx: &Context) -> Result<Action> {
         Selection::Unavailable { config, reason } => {
             let message = format!("no usable provider ({config}): {reason}");
             object::publish(
-                &ctx.recorder,
+                &ctx.events,
                 ingress,
                 EventType::Warning,
                 "ProviderUnavailable",
@@ -187,7 +189,7 @@ async fn ensure(ingress: &Ingress, ctx: &Context, chosen: Chosen) -> Result<Acti
         Ok(d) => d,
         Err(invalid) => {
             object::publish(
-                &ctx.recorder,
+                &ctx.events,
                 ingress,
                 EventType::Warning,
                 "SyncLoadBalancerFailed",
@@ -221,7 +223,7 @@ async fn ensure(ingress: &Ingress, ctx: &Context, chosen: Chosen) -> Result<Acti
     .await?;
     if changed {
         object::publish(
-            &ctx.recorder,
+            &ctx.events,
             ingress,
             EventType::Normal,
             "EnsuringLoadBalancer",
@@ -245,7 +247,7 @@ async fn ensure(ingress: &Ingress, ctx: &Context, chosen: Chosen) -> Result<Acti
             }
             if changed {
                 object::publish(
-                    &ctx.recorder,
+                    &ctx.events,
                     ingress,
                     EventType::Normal,
                     "EnsuredLoadBalancer",
@@ -260,7 +262,7 @@ async fn ensure(ingress: &Ingress, ctx: &Context, chosen: Chosen) -> Result<Acti
             ctx.ensured.forget(&uid);
             if !matches!(e, ProviderError::RetryAfter { .. }) {
                 object::publish(
-                    &ctx.recorder,
+                    &ctx.events,
                     ingress,
                     EventType::Warning,
                     "SyncLoadBalancerFailed",
@@ -279,7 +281,7 @@ async fn delete_load_balancer(ingress: &Ingress, ctx: &Context) -> Result<()> {
     let name = translate::load_balancer_name(ingress);
     let owner = translate::ownership(&ctx.cluster_id, ingress);
     object::publish(
-        &ctx.recorder,
+        &ctx.events,
         ingress,
         EventType::Normal,
         "DeletingLoadBalancer",
@@ -295,7 +297,7 @@ async fn delete_load_balancer(ingress: &Ingress, ctx: &Context) -> Result<()> {
                     source.annotation_value()
                 );
                 object::publish(
-                    &ctx.recorder,
+                    &ctx.events,
                     ingress,
                     EventType::Warning,
                     "DeleteLoadBalancerFailed",
@@ -313,7 +315,7 @@ async fn delete_load_balancer(ingress: &Ingress, ctx: &Context) -> Result<()> {
             .provider_call(holder.provider.name(), "delete", deleted.is_ok());
         if let Err(e) = deleted {
             object::publish(
-                &ctx.recorder,
+                &ctx.events,
                 ingress,
                 EventType::Warning,
                 "DeleteLoadBalancerFailed",
@@ -325,7 +327,7 @@ async fn delete_load_balancer(ingress: &Ingress, ctx: &Context) -> Result<()> {
     }
     ctx.ensured.forget(&ingress.uid().unwrap_or_default());
     object::publish(
-        &ctx.recorder,
+        &ctx.events,
         ingress,
         EventType::Normal,
         "DeletedLoadBalancer",

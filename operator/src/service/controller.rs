@@ -10,7 +10,9 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::events::EventType;
+
+use crate::events::EventSink;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -57,7 +59,7 @@ pub struct Context {
     pub nodes: Store<Node>,
     pub policies: Policies,
     pub cluster_id: String,
-    pub recorder: Recorder,
+    pub events: EventSink,
     pub metrics: Arc<Metrics>,
     pub backoff: Backoff,
     ensured: EnsuredSpecs,
@@ -72,7 +74,7 @@ impl Context {
         providers: Arc<ProviderRegistry>,
         nodes: Store<Node>,
         policies: Policies,
-        recorder: Recorder,
+        events: EventSink,
         metrics: Arc<Metrics>,
         settings: Settings,
     ) -> Self {
@@ -82,7 +84,7 @@ impl Context {
             nodes,
             policies,
             cluster_id: settings.cluster_id,
-            recorder,
+            events,
             metrics,
             backoff: Backoff::default(),
             ensured: EnsuredSpecs::default(),
@@ -415,7 +417,7 @@ async fn set_condition(
 }
 
 async fn publish(ctx: &Context, svc: &Service, type_: EventType, reason: &str, note: &str) {
-    object::publish(&ctx.recorder, svc, type_, reason, note).await
+    object::publish(&ctx.events, svc, type_, reason, note).await
 }
 
 async fn patch_status(ctx: &Context, svc: &Service, patch: serde_json::Value) -> Result<()> {
