@@ -70,16 +70,13 @@ impl EventSink {
 
     /// Queues `event` about the object `reference` names.
     pub fn publish(&self, event: Event, reference: ObjectReference, object: String) {
-        if let Err(e) = self.queue.try_send(Job {
+        let job = Job {
             event,
             reference,
             object,
-        }) {
-            let job = match e {
-                mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job) => {
-                    job
-                }
-            };
+        };
+        if let Err(e) = self.queue.try_send(job) {
+            let job = e.into_inner();
             tracing::warn!(object = %job.object, reason = %job.event.reason, "event queue full: event dropped");
         }
     }

@@ -283,30 +283,40 @@ async fn targets_are_reached_over_kept_alive_connections_reused_across_requests_
 /// A target that answers each request on a kept-alive connection, then closes the connection
 /// once it has been idle for `idle`, as servers with a keep-alive timeout do.
 async fn target_closing_idle_connections(ip: std::net::Ipv4Addr, idle: Duration) -> SocketAddr {
+    raw_server(ip, move |mut stream| async move {
+        let mut buf = Vec::new();
+        loop {
+            let mut chunk = [0u8; 1024];
+            match tokio::time::timeout(idle, stream.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                // Idle too long, or the peer is gone: close.
+                _ => return,
+            }
+            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                buf.drain(..end + 4);
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// A target on `ip` that serves each connection with `serve`.
+async fn raw_server<F, Fut>(ip: std::net::Ipv4Addr, serve: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind((ip, TARGET_PORT))
         .await
         .unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                loop {
-                    let mut chunk = [0u8; 1024];
-                    match tokio::time::timeout(idle, stream.read(&mut chunk)).await {
-                        Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                        // Idle too long, or the peer is gone: close.
-                        _ => return,
-                    }
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
-                        if stream.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve(stream));
         }
     });
     addr
@@ -965,61 +975,53 @@ async fn invalid_http_specs_are_rejected() {
 /// one named by `Connection`), `/chunked`, `/close` (a body that runs to the close), `/echo`
 /// (the request head it got, as the body), and a request with a body gets its length back.
 async fn raw_target(ip: std::net::Ipv4Addr) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind((ip, TARGET_PORT))
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        let mut chunk = [0u8; 4096];
-                        match stream.read(&mut chunk).await {
-                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                            _ => return,
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8(buf[..end + 4].to_vec()).unwrap();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length: ")
-                                .map(str::to_string)
-                        })
-                        .map_or(0, |v| v.trim().parse().unwrap());
-                    while buf.len() < end + 4 + length {
-                        let mut chunk = [0u8; 4096];
-                        let n = stream.read(&mut chunk).await.unwrap();
-                        assert!(n > 0, "the body was cut short");
-                        buf.extend_from_slice(&chunk[..n]);
-                    }
-                    buf.drain(..end + 4 + length);
-                    let path = head.split(' ').nth(1).unwrap().to_string();
-                    let answer = match path.as_str() {
-                        _ if length > 0 => {
-                            let body = format!("got {length} bytes");
-                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len())
-                        }
-                        "/length" => "HTTP/1.1 200 OK\r\nConnection: x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: 2\r\nContent-Length: 5\r\n\r\nhello".to_string(),
-                        "/chunked" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4;x=y\r\ndefg\r\n0\r\nTrailer: t\r\n\r\n".to_string(),
-                        "/close" => {
-                            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the close").await;
-                            return;
-                        }
-                        _ => format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{head}", head.len()),
-                    };
-                    if stream.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
+    raw_server(ip, |mut stream| async move {
+        let mut buf = Vec::new();
+        loop {
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                let mut chunk = [0u8; 4096];
+                match stream.read(&mut chunk).await {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => return,
                 }
-            });
+                continue;
+            };
+            let head = String::from_utf8(buf[..end + 4].to_vec()).unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_string)
+                })
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while buf.len() < end + 4 + length {
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the body was cut short");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            buf.drain(..end + 4 + length);
+            let path = head.split(' ').nth(1).unwrap().to_string();
+            let answer = match path.as_str() {
+                _ if length > 0 => {
+                    let body = format!("got {length} bytes");
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+                }
+                "/length" => "HTTP/1.1 200 OK\r\nConnection: x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: 2\r\nContent-Length: 5\r\n\r\nhello".to_string(),
+                "/chunked" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4;x=y\r\ndefg\r\n0\r\nTrailer: t\r\n\r\n".to_string(),
+                "/close" => {
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the close").await;
+                    return;
+                }
+                _ => format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{head}", head.len()),
+            };
+            if stream.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// One response off `stream` (after what `buf` already holds): its head and decoded body.

@@ -83,13 +83,7 @@ pub async fn send(
     .await;
     HEAD.with(|h| *h.borrow_mut() = head);
     let ((status, (spans, count)), answer) = sent?;
-    let Answer {
-        mut buf,
-        len,
-        mut body,
-    } = answer;
-    let bytes = buf.split_to(len).freeze();
-    body.buf = buf;
+    let (bytes, body) = answer.split_head();
     let chunked = matches!(body.framing, Framing::Chunked(_));
     let mut headers = HeaderMap::with_capacity(count);
     for &(name, value) in &spans[..count] {
@@ -126,16 +120,17 @@ fn spans(head: &ResponseHead<'_>) -> ([Span; MAX_HEADERS], usize) {
     (spans, head.headers.len())
 }
 
-/// A target's answer: `buf` starts with the head's `len` bytes; `body` reads the rest (its
-/// own buffer is empty until the caller hands it what follows the head).
+/// A target's answer: its head's bytes, then whatever of the body was read with them.
 pub struct Answer {
-    pub buf: BytesMut,
-    pub len: usize,
-    pub body: Body,
+    /// Starts with the head's `len` bytes.
+    buf: BytesMut,
+    len: usize,
+    /// Reads the rest; its own buffer is empty until the bytes after the head are handed on.
+    body: Body,
 }
 
 impl Answer {
-    /// The body, given the bytes that followed the head.
+    /// The body, the head's bytes dropped.
     pub fn into_body(self) -> Body {
         let Answer {
             mut buf,
@@ -145,6 +140,18 @@ impl Answer {
         buf.advance(len);
         body.buf = buf;
         body
+    }
+
+    /// The head's bytes, kept (header values can point into them), and the body.
+    fn split_head(self) -> (Bytes, Body) {
+        let Answer {
+            mut buf,
+            len,
+            mut body,
+        } = self;
+        let head = buf.split_to(len).freeze();
+        body.buf = buf;
+        (head, body)
     }
 }
 
@@ -436,7 +443,7 @@ pub fn with_response_head<T>(raw: &[u8], f: impl FnOnce(&ResponseHead<'_>) -> T)
 }
 
 /// One length, however often repeated; differing lengths are an error (RFC 9112 6.3).
-pub fn content_length<'a>(values: impl Iterator<Item = &'a [u8]>) -> io::Result<u64> {
+fn content_length<'a>(values: impl Iterator<Item = &'a [u8]>) -> io::Result<u64> {
     let mut length = None;
     for value in values {
         for part in value.split(|b| *b == b',') {

@@ -241,8 +241,11 @@ fn prepare<'s>(
     let mut upgrade = (false, false);
     let mut named: [&[u8]; MAX_NAMED] = [&[]; MAX_NAMED];
     let mut named_count = 0;
-    for h in headers {
-        match kind(h.name) {
+    // Each header's kind, found once for the passes below.
+    let mut kinds = [Kind::Other; MAX_HEADERS];
+    for (h, slot) in headers.iter().zip(kinds.iter_mut()) {
+        *slot = kind(h.name);
+        match *slot {
             Kind::Host if host.is_some() => return Prepared::Unsupported,
             Kind::Host => host = Some(h.value),
             Kind::ContentLength if h.value.trim_ascii() != b"0" => return Prepared::Unsupported,
@@ -270,6 +273,7 @@ fn prepare<'s>(
         return Prepared::Unsupported;
     }
     let named = &named[..named_count];
+    let classified = || headers.iter().zip(kinds.iter().copied());
     // As `HeaderValue::to_str` reads it on hyper's path.
     let host_str = host
         .filter(|h| h.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b)))
@@ -295,10 +299,9 @@ fn prepare<'s>(
         return Prepared::Local { len, close };
     };
     let cookies = || {
-        headers
-            .iter()
-            .filter(|h| kind(h.name) == Kind::Cookie)
-            .map(|h| h.value)
+        classified()
+            .filter(|(_, kind)| *kind == Kind::Cookie)
+            .map(|(h, _)| h.value)
     };
     let Some(pick) = backend.pick_with(|name| cookie_value(cookies(), name), conn.client_ip) else {
         backend
@@ -314,15 +317,12 @@ fn prepare<'s>(
     for part in [method.as_str(), " ", target, " HTTP/1.1\r\n"] {
         up.extend_from_slice(part.as_bytes());
     }
-    let mut forwarded_for = false;
-    for h in headers {
-        match kind(h.name) {
-            Kind::Other | Kind::Host | Kind::ContentLength | Kind::Cookie => {}
-            Kind::XForwardedFor => {
-                forwarded_for = true;
-                continue;
-            }
-            _ => continue,
+    for (h, kind) in classified() {
+        if !matches!(
+            kind,
+            Kind::Other | Kind::Host | Kind::ContentLength | Kind::Cookie
+        ) {
+            continue;
         }
         if named
             .iter()
@@ -334,14 +334,9 @@ fn prepare<'s>(
     }
     // What earlier proxies recorded, then this client.
     up.extend_from_slice(b"x-forwarded-for: ");
-    if forwarded_for {
-        for h in headers
-            .iter()
-            .filter(|h| kind(h.name) == Kind::XForwardedFor)
-        {
-            up.extend_from_slice(h.value);
-            up.extend_from_slice(b", ");
-        }
+    for (h, _) in classified().filter(|(_, kind)| *kind == Kind::XForwardedFor) {
+        up.extend_from_slice(h.value);
+        up.extend_from_slice(b", ");
     }
     up.extend_from_slice(conn.client_ip_header.as_bytes());
     up.extend_from_slice(b"\r\n");

@@ -60,16 +60,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    *name == header::CONNECTION
-        || *name == KEEP_ALIVE
-        || *name == PROXY_CONNECTION
-        || *name == header::TE
-        || *name == header::TRAILER
-        || *name == header::TRANSFER_ENCODING
-        || *name == header::UPGRADE
+    is_hop_by_hop_name(name.as_str().as_bytes())
 }
 
-/// [`is_hop_by_hop`] for a raw header name, any case.
+/// The headers RFC 9110 7.6.1 names as hop-by-hop, plus `Keep-Alive` and `Proxy-Connection`,
+/// for a raw header name in any case.
 pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
     const NAMES: [&[u8]; 7] = [
         b"connection",
