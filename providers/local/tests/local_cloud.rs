@@ -854,3 +854,30 @@ async fn a_provider_with_a_part_of_the_pool_places_new_load_balancers_only_there
     );
     cloud.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_refuses_connections_is_skipped_before_its_checks_notice() {
+    let net = Net::new(90, 22);
+    let cloud = TestCloud::start(net).await;
+    let a = TcpTarget::start("a", net.target_ip(1), NODE_PORT, Greeting::Plain).await;
+    // b's health endpoint says healthy while nothing listens on its traffic port.
+    let ha = HealthServer::start(net.target_ip(1), HEALTH_PORT).await;
+    let hb = HealthServer::start(net.target_ip(2), HEALTH_PORT).await;
+    let refusing = SocketAddr::from((net.target_ip(2), NODE_PORT));
+    let l = listener(
+        Protocol::Tcp,
+        80,
+        vec![target("b", refusing), target("a", a.addr)],
+        fast_check(Probe::Http {
+            port: HEALTH_PORT,
+            path: "/healthz".into(),
+        }),
+    );
+    let status = cloud.provider.ensure(&spec("half", vec![l])).await.unwrap();
+    cloud.wait_health("half", 2, 0).await;
+
+    let names = whos(net.client(1), lb_addr(&status, 80), 6).await;
+    assert_eq!(names, vec!["a"; 6], "every connection lands on a");
+    drop((ha, hb));
+    cloud.stop().await;
+}

@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
+use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +38,9 @@ pub(super) fn bind(local: SocketAddr) -> io::Result<std::net::TcpListener> {
     )?;
     // A restarted daemon must get its ports back while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
+    // Linux copies it to every accepted connection: one system call per listener instead of
+    // one per connection.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&local.into())?;
     socket.listen(BACKLOG as i32)?;
     // Tokio polls it; every descriptor duplicated from it shares this flag.
@@ -95,7 +99,7 @@ pub(super) async fn serve(listener: TcpListener, mut ctx: ListenerContext) {
 impl Shared {
     async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, pool: Arc<PoolSnapshot>) {
         let _active = ActiveGuard::new(&self.stats);
-        let _ = client.set_nodelay(true);
+        set_nodelay_unless_inherited(&client);
         tokio::select! {
             biased;
             _ = self.connections.cancelled() => {}
@@ -239,26 +243,52 @@ async fn pump(
 }
 
 /// A connection to `target`, from `source` (any port) when given and of the same family.
+///
+/// Connected by hand rather than with `TcpSocket::connect`, which asks the kernel for the
+/// socket's error (`getsockopt`) once it is writable: the readiness event already tells a
+/// failed handshake (error or hang-up) from a completed one, so the error is only fetched
+/// when there is one.
 async fn connect(target: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
-    let socket = match target {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    socket.set_nodelay(true)?;
+    let socket = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM.nonblocking(),
+        Some(SocketProtocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
     if let Some(source) = source.filter(|s| s.is_ipv4() == target.is_ipv4()) {
         // Without it, bind() would reserve an ephemeral port for the source address alone and
         // the range would run out after ~28k connections per client address; with it the
         // port is chosen at connect() time, per 4-tuple.
         set_bind_address_no_port(&socket)?;
-        socket.bind(SocketAddr::new(source, 0))?;
+        socket.bind(&SocketAddr::new(source, 0).into())?;
     }
-    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target)).await {
-        Ok(result) => result,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    match socket.connect(&target.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    let handshake = stream.ready(Interest::WRITABLE | Interest::ERROR);
+    let ready = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+        Ok(ready) => ready?,
+        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    };
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(stream.take_error()?.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::ConnectionRefused, "connection failed")
+        }));
+    }
+    Ok(stream)
+}
+
+/// Accepted connections inherit `TCP_NODELAY` from the listener ([`bind`]) on Linux only.
+pub(super) fn set_nodelay_unless_inherited(stream: &TcpStream) {
+    if cfg!(not(target_os = "linux")) {
+        let _ = stream.set_nodelay(true);
     }
 }
 
-fn set_bind_address_no_port(socket: &TcpSocket) -> io::Result<()> {
+fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
     let one: libc::c_int = 1;
     // SAFETY: a valid socket descriptor, and a c_int option value of the size passed.
     let rc = unsafe {

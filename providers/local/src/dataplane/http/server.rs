@@ -86,7 +86,7 @@ pub(super) async fn serve(listener: TcpListener, port: Arc<Port>) {
 
 async fn connection(port: Arc<Port>, stream: TcpStream, peer: SocketAddr, _placed: Placed) {
     let _active = ActiveGuard::new(&port.stats);
-    let _ = stream.set_nodelay(true);
+    crate::dataplane::tcp::set_nodelay_unless_inherited(&stream);
     let client_ip = peer.ip().to_canonical();
     let conn = Arc::new(ClientConn {
         shared: port.shared.clone(),
