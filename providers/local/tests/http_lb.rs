@@ -765,6 +765,51 @@ async fn idle_client_connections_are_closed_but_a_slow_request_is_not_idle() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_answers_is_closed_after_the_request_timeout() {
+    let net = Net::new(100, 24);
+    let cloud = TestCloud::start(net).await;
+    // No route and no default backend: every request gets the proxy's own 404.
+    let mut app = app(routes(vec![], None), vec![]);
+    app.timeouts.request = SLOW / 4;
+    let lb = at(create(&cloud, &app_spec("unread", app)).await, 80);
+
+    // A small receive window, so the proxy's writes stall after a few dozen answers.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind(SocketAddr::from((net.client(1), 0))).unwrap();
+    let stream = socket.connect(lb).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    const REQUESTS: usize = 50_000;
+    let sending = tokio::spawn(async move {
+        let requests = b"GET / HTTP/1.1\r\nHost: nobody\r\n\r\n".repeat(REQUESTS);
+        let _ = writer.write_all(&requests).await;
+        writer
+    });
+
+    // Not reading for four request timeouts, then reading what is left.
+    tokio::time::sleep(SLOW).await;
+    let mut answers = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answers.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    sending.abort();
+    let answered = answers.windows(12).filter(|w| w == b"HTTP/1.1 404").count();
+    assert!(
+        closed.is_ok(),
+        "the connection stayed open ({answered} answers read)"
+    );
+    assert!(answered < REQUESTS, "every request was answered");
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_that_refuses_connections_gets_502() {
     let net = Net::new(100, 17);
     let cloud = TestCloud::start(net).await;

@@ -76,7 +76,8 @@ where
                 Prepared::Partial | Prepared::Unsupported => return Outcome::Handoff(buf),
                 Prepared::Local { len, close } => {
                     buf.advance(len);
-                    if write(io, &out).await.is_err() {
+                    watchdog.set(Instant::now() + snapshot.timeouts.request);
+                    if !write_answer(io, &out, &mut watchdog, &mut closing).await {
                         return Outcome::Done;
                     }
                     Some(close)
@@ -106,7 +107,9 @@ where
                             tracing::debug!(lb = %conn.shared.lb, target = %forward.target.addr, error = %failure, "upstream failed");
                             counters.count(status);
                             local(&mut out, status, text, &[], forward.close);
-                            if write(io, &out).await.is_err() {
+                            // A fresh deadline: the old one may be what just expired.
+                            watchdog.set(Instant::now() + snapshot.timeouts.request);
+                            if !write_answer(io, &out, &mut watchdog, &mut closing).await {
                                 return Outcome::Done;
                             }
                             Some(forward.close)
@@ -139,6 +142,27 @@ where
             },
             _ = watchdog.expired() => return Outcome::Done,
         }
+    }
+}
+
+/// Writes one of the proxy's own answers by the watchdog's deadline, so a client that stops
+/// reading cannot hold the connection once the socket buffers are full. False when the
+/// connection must end (write failed, deadline passed, load balancer gone).
+async fn write_answer<I, C>(
+    io: &mut I,
+    bytes: &[u8],
+    watchdog: &mut Watchdog,
+    closing: &mut C,
+) -> bool
+where
+    I: AsyncWrite + Unpin,
+    C: Future<Output = ()> + Unpin,
+{
+    tokio::select! {
+        biased;
+        _ = closing => false,
+        r = write(io, bytes) => r.is_ok(),
+        _ = watchdog.expired() => false,
     }
 }
 
