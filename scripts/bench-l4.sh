@@ -35,6 +35,9 @@
 # The table shows the median of the rounds per metric, plus the CPU time each proxy process
 # used while measured (from /proc/PID/stat), since on a small machine client, proxy and
 # targets share the same cores and a proxy that needs less CPU leaves more to the others.
+# Two more rows show whether a proxy makes the others work harder: the CPU wrk and nginx
+# used per request while it carried the traffic, and how busy the whole machine was (below
+# 100 %, the run was bound by latency rather than CPU).
 #
 # Other work on the machine skews such numbers, so the script watches for it: before each
 # round it waits (up to 60 s) until other processes use at most BENCH_MAX_FOREIGN % (15) of
@@ -453,8 +456,9 @@ children_ticks() {
 }
 
 # measure TEST TARGET URL CONNS [wrk args...]: a warm-up run, then the measured run. Sets
-# `result` (wrk's RESULT line), `proxy_ticks` (-1 without a proxy) and `foreign` (% of the
-# machine's CPU time that went to processes other than wrk and the servers).
+# `result` (wrk's RESULT line), `proxy_ticks` (-1 without a proxy), `foreign` (% of the
+# machine's CPU time that went to processes other than wrk and the servers), `busy` (% of the
+# machine's CPU time that was busy at all) and `rest_ticks` (what wrk and the targets used).
 measure() {
   local target=$2 url=$3 conns=$4
   shift 4
@@ -479,6 +483,9 @@ measure() {
   local busy0=${m0% *} total0=${m0#* } busy1=${m1% *} total1=${m1#* }
   local others=$((busy1 - busy0 - (s1 - s0) - (c1 - c0)))
   foreign=$((others > 0 && total1 > total0 ? 100 * others / (total1 - total0) : 0))
+  busy=$((total1 > total0 ? 100 * (busy1 - busy0) / (total1 - total0) : 0))
+  # The idle proxy's few ticks (health checks) count with the targets.
+  rest_ticks=$((s1 - s0 + c1 - c0 - (pid ? after - before : 0)))
 }
 
 # run_wrk TEST TARGET URL CONNS [wrk args...]: measures, again (up to twice, and 6 times per
@@ -502,9 +509,9 @@ run_wrk() {
   read -r requests duration_us bytes p50 p99 errors non2xx < <(
     sed -e 's/^RESULT //' -e 's/[a-z0-9_]*=//g' <<<"$result"
   )
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$test" "$target" \
-    "$requests" "$duration_us" "$bytes" "$p50" "$p99" "$errors" "$non2xx" "$proxy_ticks" \
-    "$foreign" >>"$tmp/runs.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$test" \
+    "$target" "$requests" "$duration_us" "$bytes" "$p50" "$p99" "$errors" "$non2xx" \
+    "$proxy_ticks" "$foreign" "$busy" "$rest_ticks" >>"$tmp/runs.tsv"
   log "round $round $test $target: $requests requests, p99 ${p99} us, errors $errors/$non2xx, others ${foreign}% CPU"
 }
 
@@ -630,15 +637,18 @@ fi
       add(k "p99", $8)
       add(k "gbit", bytes * 8 / secs / 1e9)
       add(k "errors", $9 + $10)
+      add(k "busy", $13)
+      add(k "rest_per_req", 1e6 * $14 / clk / requests)
       if ($11 >= 0) {
         cpu = $11 / clk
         add(k "cpu", 100 * cpu / secs)
         add(k "cpu_per_req", 1e6 * cpu / requests)
         add(k "cpu_per_gb", 1e3 * cpu / (bytes / 1e9))
       }
-      raw[++nraw] = sprintf("| %s | %s | %s | %.0f | %s | %s | %.2f | %s | %s | %s %% |", round,
-        test, target, requests / secs, lat($7), lat($8), bytes * 8 / secs / 1e9,
-        ($11 >= 0 ? sprintf("%.0f %%", 100 * $11 / clk / secs) : "—"), $9 + $10, $12)
+      raw[++nraw] = sprintf("| %s | %s | %s | %.0f | %s | %s | %.2f | %s | %.1f µs | %s %% | %s | %s %% |",
+        round, test, target, requests / secs, lat($7), lat($8), bytes * 8 / secs / 1e9,
+        ($11 >= 0 ? sprintf("%.0f %%", 100 * $11 / clk / secs) : "—"),
+        1e6 * $14 / clk / requests, $13, $9 + $10, $12)
     }
     END {
       print "| metric | direct to 1 target (ceiling) | Portico | haproxy | Portico vs haproxy |"
@@ -649,6 +659,8 @@ fi
       row("keepalive", "p99", "latency p99", "lat", 0)
       row("keepalive", "cpu", "proxy CPU (% of one core)", "pct", 0)
       row("keepalive", "cpu_per_req", "proxy CPU per request", "us", 0)
+      row("keepalive", "rest_per_req", "wrk + targets CPU per request", "us", 0)
+      row("keepalive", "busy", "machine busy (% of all CPUs)", "pct", 0)
       row("keepalive", "errors", "errors", "rate", 0)
       printf "| **connection rate** (`-c %d`, `Connection: close`) | | | | |\n", cc
       row("connclose", "rate", "connections/s", "rate", 1)
@@ -656,6 +668,8 @@ fi
       row("connclose", "p99", "latency p99", "lat", 0)
       row("connclose", "cpu", "proxy CPU (% of one core)", "pct", 0)
       row("connclose", "cpu_per_req", "proxy CPU per connection", "us", 0)
+      row("connclose", "rest_per_req", "wrk + targets CPU per connection", "us", 0)
+      row("connclose", "busy", "machine busy (% of all CPUs)", "pct", 0)
       row("connclose", "errors", "errors", "rate", 0)
       printf "| **bulk** (`-c %d`, `/1m`) | | | | |\n", bulk
       row("bulk", "gbit", "throughput, Gbit/s", "gbit", 1)
@@ -666,12 +680,14 @@ fi
       print ""
       print "Errors are wrk socket errors (connect, read, write, timeout) plus non-2xx answers."
       print "\"≈ same\": Portico within ±3 % of haproxy. Latency and CPU: lower is better. The runs below show the spread between rounds;"
-      print "\"others\" is the share of all CPU time that went to processes other than wrk, nginx and the two proxies during the run."
+      print "\"others\" is the share of all CPU time that went to processes other than wrk, nginx and the two proxies during the run;"
+      print "\"wrk + targets\" is the CPU the client and nginx used per request while that proxy carried the traffic: a proxy that"
+      print "answers in larger batches lets them do more per wake-up. \"busy\" below 100 % means the run was bound by latency, not CPU."
       print ""
       print "<details><summary>Every measured run</summary>"
       print ""
-      print "| round | test | target | req/s | p50 | p99 | Gbit/s | proxy CPU | errors | others |"
-      print "|---|---|---|---|---|---|---|---|---|---|"
+      print "| round | test | target | req/s | p50 | p99 | Gbit/s | proxy CPU | wrk + targets per req | busy | errors | others |"
+      print "|---|---|---|---|---|---|---|---|---|---|---|---|"
       for (i = 1; i <= nraw; i++) print raw[i]
       print ""
       print "</details>"

@@ -39,6 +39,10 @@ enum Bench {
         /// acknowledgements: what the creates cost without Portico writing alongside them.
         #[arg(long)]
         api_only: bool,
+        /// Send the creates this many milliseconds apart instead of all at once: how long one
+        /// Service waits when the API server is not working through a burst.
+        #[arg(long, value_name = "MS")]
+        interval_ms: Option<u64>,
     },
 }
 
@@ -49,8 +53,10 @@ async fn main() -> anyhow::Result<()> {
         services,
         cold_connections,
         api_only,
+        interval_ms,
     } = Bench::parse();
-    provisioning(services, !cold_connections, api_only).await
+    let pacing = Pacing(interval_ms.map(Duration::from_millis));
+    provisioning(services, !cold_connections, api_only, pacing).await
 }
 
 fn ip_of(svc: &Service) -> Option<Ipv4Addr> {
@@ -64,7 +70,25 @@ fn ip_of(svc: &Service) -> Option<Ipv4Addr> {
         .find_map(|i| i.ip.as_deref()?.parse().ok())
 }
 
-async fn provisioning(count: usize, warm_connections: bool, api_only: bool) -> anyhow::Result<()> {
+/// How the creates are sent: all at once, or one every so often.
+#[derive(Clone, Copy)]
+struct Pacing(Option<Duration>);
+
+impl std::fmt::Display for Pacing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            None => write!(f, "created at once"),
+            Some(every) => write!(f, "created one every {} ms", every.as_millis()),
+        }
+    }
+}
+
+async fn provisioning(
+    count: usize,
+    warm_connections: bool,
+    api_only: bool,
+    pacing: Pacing,
+) -> anyhow::Result<()> {
     let testbed = Testbed::start(TestbedOptions {
         nodes: 3,
         ..Default::default()
@@ -96,7 +120,7 @@ async fn provisioning(count: usize, warm_connections: bool, api_only: bool) -> a
     services.create(&PostParams::default(), &warm).await?;
     wait_answering(&client, "warm").await?;
 
-    let got_ip: Arc<Mutex<HashMap<String, (Instant, Ipv4Addr)>>> = Arc::default();
+    let got_ip: Arc<SeenIps> = Arc::default();
     // When the bench's own watch first delivers each Service: the earliest moment anyone
     // (Portico included) can learn that it exists, so "appears → EXTERNAL-IP" is the part of
     // the wait that a load-balancer controller is responsible for.
@@ -140,75 +164,77 @@ async fn provisioning(count: usize, warm_connections: bool, api_only: bool) -> a
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     println!(
-        "creating {count} Services of type LoadBalancer at once ({} connections{}) …",
+        "creating {count} Services of type LoadBalancer, {pacing} ({} connections{}) …",
         if warm_connections { "warm" } else { "cold" },
         if api_only { ", operator stopped" } else { "" }
     );
     let names: Vec<String> = (0..count).map(|i| format!("svc-{i:03}")).collect();
-    let created = futures::stream::iter(names.clone())
-        .map(|name| {
-            let services = services.clone();
-            async move {
-                let started = Instant::now();
-                services.create(&PostParams::default(), &lb(&name)).await?;
-                anyhow::Ok((name, (started, Instant::now())))
+    // Each Service's first response is awaited from its own acknowledgement on, so one
+    // Service's figure never includes the time the bench took to send the others.
+    let timelines = create_all(&services, names.iter().map(|n| lb(n)), pacing, |name| {
+        let got_ip = got_ip.clone();
+        async move {
+            if api_only {
+                return Ok(None);
             }
-        })
-        .buffer_unordered(count)
-        .try_collect::<HashMap<String, (Instant, Instant)>>()
-        .await?;
-    let acknowledged: HashMap<String, Instant> = created
+            first_answer(&got_ip, &name).await.map(Some)
+        }
+    })
+    .await?;
+    let created: HashMap<String, Instant> =
+        timelines.iter().map(|(n, t)| (n.clone(), t.sent)).collect();
+    let acknowledged: HashMap<String, Instant> = timelines
         .iter()
-        .map(|(n, (_, ack))| (n.clone(), *ack))
-        .collect();
-    let created: HashMap<String, Instant> = created
-        .into_iter()
-        .map(|(n, (started, _))| (n, started))
+        .map(|(n, t)| (n.clone(), t.acknowledged))
         .collect();
     if api_only {
         watch.abort();
-        let mut to_ack: Vec<Duration> = names
+        let to_ack: Vec<Duration> = names
             .iter()
             .map(|n| acknowledged[n].saturating_duration_since(created[n]))
             .collect();
-        to_ack.sort();
+        // The same burst of Services that need no cluster IP and no node port: what the API
+        // server's IP and port allocation adds to each create.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let headless = create_all(
+            &services,
+            (0..count).map(|i| headless(&format!("headless-{i:03}"))),
+            pacing,
+            |_| async { Ok(None) },
+        )
+        .await?;
+        let headless_ack: Vec<Duration> = headless
+            .values()
+            .map(|t| t.acknowledged.saturating_duration_since(t.sent))
+            .collect();
         println!();
-        println!("| {count} Services created at once, operator stopped | p50 | p99 | max |");
+        println!("| {count} Services {pacing}, operator stopped | p50 | p99 | max |");
         println!("|---|---|---|---|");
-        println!(
-            "| create → the API server acknowledges it | {} | {} | {} |",
-            ms(percentile(&to_ack, 50)),
-            ms(percentile(&to_ack, 99)),
-            ms(*to_ack.last().unwrap())
-        );
+        for (what, mut samples) in [
+            (
+                "type LoadBalancer: create → the API server acknowledges it",
+                to_ack,
+            ),
+            (
+                "headless (no cluster IP, no node port): create → acknowledged",
+                headless_ack,
+            ),
+        ] {
+            samples.sort();
+            println!(
+                "| {what} | {} | {} | {} |",
+                ms(percentile(&samples, 50)),
+                ms(percentile(&samples, 99)),
+                ms(*samples.last().unwrap())
+            );
+        }
         return Ok(());
     }
 
-    let answered = futures::stream::iter(names.clone())
-        .map(|name| {
-            let got_ip = got_ip.clone();
-            async move {
-                let deadline = Instant::now() + Duration::from_secs(120);
-                let ip = loop {
-                    if let Some((_, ip)) = got_ip.lock().unwrap().get(&name) {
-                        break *ip;
-                    }
-                    anyhow::ensure!(Instant::now() < deadline, "{name}: no EXTERNAL-IP");
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                };
-                let target = SocketAddr::from((ip, 80));
-                loop {
-                    if echo_via(target, None).await.is_ok() {
-                        return anyhow::Ok((name, Instant::now()));
-                    }
-                    anyhow::ensure!(Instant::now() < deadline, "{name}: {target} never answered");
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-        })
-        .buffer_unordered(count)
-        .try_collect::<HashMap<String, Instant>>()
-        .await?;
+    let answered: HashMap<String, Instant> = timelines
+        .into_iter()
+        .filter_map(|(n, t)| Some((n, t.answered?)))
+        .collect();
     watch.abort();
     print_operator_metrics(portico.config().plan.operator_metrics()).await;
 
@@ -231,7 +257,7 @@ async fn provisioning(count: usize, warm_connections: bool, api_only: bool) -> a
         .map(|n| got_ip[n].0.saturating_duration_since(appeared[n]))
         .collect();
     println!();
-    println!("| {count} Services created at once | p50 | p99 | max |");
+    println!("| {count} Services {pacing} | p50 | p99 | max |");
     println!("|---|---|---|---|");
     for (what, samples) in [
         ("create → the API server acknowledges it", &mut to_ack),
@@ -251,6 +277,86 @@ async fn provisioning(count: usize, warm_connections: bool, api_only: bool) -> a
         );
     }
     Ok(())
+}
+
+/// One Service's way through the bench.
+struct Timeline {
+    /// The create was sent.
+    sent: Instant,
+    /// The API server answered the create.
+    acknowledged: Instant,
+    /// The Service's load balancer first answered, when that was awaited.
+    answered: Option<Instant>,
+}
+
+/// Sends the creates as `pacing` says, without waiting for earlier ones to be answered; after
+/// each acknowledgement runs `then` for that Service (which may wait for its first answer).
+async fn create_all<F, Fut>(
+    services: &Api<Service>,
+    objects: impl Iterator<Item = Service>,
+    pacing: Pacing,
+    then: F,
+) -> anyhow::Result<HashMap<String, Timeline>>
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<Instant>>>,
+{
+    let objects: Vec<Service> = objects.collect();
+    let count = objects.len();
+    let first = tokio::time::Instant::now();
+    let then = &then;
+    futures::stream::iter(objects.into_iter().enumerate())
+        .map(|(i, svc)| async move {
+            if let Some(every) = pacing.0 {
+                tokio::time::sleep_until(first + every * i as u32).await;
+            }
+            let sent = Instant::now();
+            services.create(&PostParams::default(), &svc).await?;
+            let acknowledged = Instant::now();
+            let answered = then(svc.name_any()).await?;
+            anyhow::Ok((
+                svc.name_any(),
+                Timeline {
+                    sent,
+                    acknowledged,
+                    answered,
+                },
+            ))
+        })
+        .buffer_unordered(count)
+        .try_collect()
+        .await
+}
+
+type SeenIps = Mutex<HashMap<String, (Instant, Ipv4Addr)>>;
+
+/// When `name` first answered through its load balancer, once the watch has seen its
+/// EXTERNAL-IP (polled every 2 ms, as a client retrying would).
+async fn first_answer(got_ip: &SeenIps, name: &str) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ip = loop {
+        if let Some((_, ip)) = got_ip.lock().unwrap().get(name) {
+            break *ip;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{name}: no EXTERNAL-IP");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let target = SocketAddr::from((ip, 80));
+    loop {
+        if echo_via(target, None).await.is_ok() {
+            return Ok(Instant::now());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{name}: {target} never answered");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn headless(name: &str) -> Service {
+    service(
+        name,
+        "echo",
+        json!({"type": "ClusterIP", "clusterIP": "None"}),
+    )
 }
 
 fn lb(name: &str) -> Service {
