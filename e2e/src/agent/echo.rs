@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Request, Response, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use portico_local_cloud::prefixed::Prefixed;
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -25,7 +26,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::debug;
 
 use super::{
-    net::{self, Prefixed},
+    net,
     proxy_protocol::{self, Parsed, ProxyAddresses},
 };
 

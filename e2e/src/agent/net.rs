@@ -4,16 +4,10 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
-    pin::Pin,
-    task::{Context, Poll},
     time::Duration,
 };
 
-use bytes::{Buf, Bytes};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpSocket, TcpStream, UdpSocket},
-};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
 /// Transport protocol of a listener.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -118,82 +112,9 @@ fn set_ip_bind_address_no_port(socket: &socket2::Socket) -> io::Result<()> {
     }
 }
 
-/// A stream that first replays bytes already read from it (while sniffing the protocol).
-pub(crate) struct Prefixed<S> {
-    prefix: Bytes,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    pub(crate) fn new(prefix: impl Into<Bytes>, inner: S) -> Self {
-        Prefixed {
-            prefix: prefix.into(),
-            inner,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.prefix.has_remaining() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    #[tokio::test]
-    async fn prefixed_streams_replay_the_sniffed_bytes_before_the_rest() {
-        let (mut client, server) = tokio::io::duplex(64);
-        client.write_all(b" world").await.unwrap();
-        drop(client);
-        let mut stream = Prefixed::new(Bytes::from_static(b"hello"), server);
-        let mut all = String::new();
-        stream.read_to_string(&mut all).await.unwrap();
-        assert_eq!(all, "hello world");
-    }
 
     #[tokio::test]
     async fn connections_can_come_from_any_loopback_address() {

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod metrics;
 pub mod pool;
+pub mod prefixed;
 pub mod store;
 
 mod query;

@@ -11,13 +11,12 @@
 use std::cell::RefCell;
 use std::io::{self, Write as _};
 use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use http::{HeaderValue, Method, StatusCode};
 use portico_provider::routing::Decision;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
 use super::balance::cookie_value;
@@ -647,64 +646,6 @@ impl Watchdog {
     }
 }
 
-/// A connection whose first bytes were already read: they are read again first.
-pub(super) struct Prefixed<I> {
-    prefix: Bytes,
-    io: I,
-}
-
-impl<I> Prefixed<I> {
-    pub fn new(prefix: Bytes, io: I) -> Self {
-        Prefixed { prefix, io }
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -793,16 +734,5 @@ mod tests {
             .await
             .expect("the earlier deadline applies");
         assert!(Instant::now() >= now + ms(100));
-    }
-
-    #[tokio::test]
-    async fn a_prefixed_connection_reads_its_prefix_first() {
-        let (mut near, far) = tokio::io::duplex(64);
-        let mut prefixed = Prefixed::new(Bytes::from_static(b"GET / "), far);
-        near.write_all(b"HTTP/1.1\r\n").await.unwrap();
-        drop(near);
-        let mut all = String::new();
-        prefixed.read_to_string(&mut all).await.unwrap();
-        assert_eq!(all, "GET / HTTP/1.1\r\n");
     }
 }

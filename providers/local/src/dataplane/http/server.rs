@@ -14,10 +14,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::h1::{self, Outcome, Prefixed};
+use super::h1::{self, Outcome};
 use super::proxy::{self, ClientConn, Shared};
 use crate::dataplane::workers::{self, Placed};
 use crate::dataplane::{ActiveGuard, Stats};
+use crate::prefixed::Prefixed;
 
 /// A client gets this long to complete its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
