@@ -14,7 +14,8 @@
 #   127.60.0.1:8900    portico-local-cloud's API; load balancers get 127.60.1.1-127.60.1.10.
 #   127.60.1.1:80      Portico's proxy: one TCP listener on port 80, the 3 targets, a TCP probe
 #                      every 2 s (2 failures down, 1 success up), no affinity, no PROXY
-#                      header, no client-IP preservation. Tokio runtime with 2 workers.
+#                      header, no client-IP preservation. 2 proxy worker threads (and 2
+#                      for the rest of the daemon).
 #   127.60.3.1:80      haproxy, configured to do the same job:
 #                        global:   nbthread 2 (the same 2-thread budget as Portico's runtime)
 #                        defaults: mode tcp, balance roundrobin, timeout connect 3s (Portico's
@@ -22,8 +23,10 @@
 #                        servers:  the 3 targets, `check inter 2s fall 2 rise 1` (a TCP connect
 #                                  check at Portico's cadence)
 #                      Nothing else is set: no logging (Portico logs nothing per connection at
-#                      its default level either), no splicing, default buffers. Neither proxy
-#                      is tuned beyond its defaults.
+#                      its default level either), default buffers. Neither proxy is tuned
+#                      beyond its defaults. haproxy does not splice by default, where Portico
+#                      moves bulk transfers in the kernel (splice(2)) on Linux;
+#                      BENCH_HAPROXY_SPLICE=1 adds `option splice-auto`, haproxy's equivalent.
 #
 # The client is wrk with one thread. Each round runs three tests against the direct target
 # (127.60.2.1:8080, the ceiling), Portico and haproxy, the two proxies alternating order from
@@ -54,7 +57,7 @@
 #
 # Knobs (environment): BENCH_ROUNDS (3), BENCH_DURATION (6 s per measured run; 3 rounds of
 # 10 s would take the run past 5 minutes), BENCH_WARMUP (2 s), BENCH_MAX_FOREIGN (15 %),
-# BENCH_LB_PORT (80), BENCH_WRK_CPU (CPU to pin wrk to; default: the last CPU when there are
+# BENCH_LB_PORT (80), BENCH_HAPROXY_SPLICE (0; 1 lets haproxy splice too), BENCH_WRK_CPU (CPU to pin wrk to; default: the last CPU when there are
 # 4 or more, unpinned on smaller machines, where pinning would only take a core away from
 # the proxy under test).
 set -euo pipefail
@@ -73,6 +76,7 @@ pool=127.60.1.1-127.60.1.10
 backends=(127.60.2.1 127.60.2.2 127.60.2.3)
 backend_port=8080
 haproxy_addr=127.60.3.1
+haproxy_splice=${BENCH_HAPROXY_SPLICE:-0}
 proxy_threads=2
 lb_name=benchl4
 
@@ -274,6 +278,9 @@ check_alive "$nginx_pid" nginx "$tmp/nginx-error.log"
   echo "    timeout client 60s"
   echo "    timeout server 60s"
   echo "    default-server check inter 2s fall 2 rise 1"
+  if [[ $haproxy_splice == 1 ]]; then
+    echo "    option splice-auto"
+  fi
   echo "listen bench"
   echo "    bind $haproxy_addr:$lb_port"
   i=1
@@ -291,7 +298,7 @@ check_alive "$haproxy_pid" haproxy "$tmp/haproxy.log"
 # ---------------------------------------------------------------------------------------------
 # Portico: the local cloud and one load balancer
 
-RUST_LOG=info TOKIO_WORKER_THREADS=$proxy_threads "$portico_bin" \
+RUST_LOG=info TOKIO_WORKER_THREADS=$proxy_threads PORTICO_LOCAL_CLOUD_PROXY_WORKERS=$proxy_threads "$portico_bin" \
   --listen "$api" --pool "$pool" --state-file "$tmp/local-cloud.json" >"$tmp/portico.log" 2>&1 &
 portico_pid=$!
 pids+=("$portico_pid")
@@ -579,8 +586,8 @@ fi
   echo
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "- machine: $ncpu CPUs (${cpu_model:-unknown}), kernel $(uname -r)"
-  echo "- Portico: \`$("$portico_bin" --version)\` at $git_rev; tokio runtime with $proxy_threads workers"
-  echo "- haproxy: \`$("$haproxy_bin" -v | head -n 1)\`; nbthread $proxy_threads, mode tcp, balance roundrobin, TCP checks"
+  echo "- Portico: \`$("$portico_bin" --version)\` at $git_rev; $proxy_threads proxy workers"
+  echo "- haproxy: \`$("$haproxy_bin" -v | head -n 1)\`; nbthread $proxy_threads, mode tcp, balance roundrobin, TCP checks$([[ $haproxy_splice == 1 ]] && echo ', option splice-auto')"
   echo "- targets: \`$nginx_version\`, 3 addresses, \`worker_processes auto\`"
   echo "- client: \`$wrk_version\`, 1 thread, $wrk_pinning"
   echo "- rounds: $rounds, each run ${duration} s after a ${warmup} s warm-up of the same test; proxy order alternating; median of the rounds; ${elapsed} s in all"
@@ -621,6 +628,17 @@ fi
       else word = "Portico worse"
       return sprintf("%+.0f %% (%s)", d, word)
     }
+    function paired(test, label,    r, n, ahead, logsum, list, q) {
+      n = 0; ahead = 0; logsum = 0; list = ""
+      for (r = 1; r in rounds_seen; r++) {
+        if (!((test, r, "portico") in perround) || !((test, r, "haproxy") in perround)) continue
+        if (perround[test, r, "haproxy"] <= 0 || perround[test, r, "portico"] <= 0) continue
+        q = perround[test, r, "portico"] / perround[test, r, "haproxy"]
+        n++; logsum += log(q); if (q > 1) ahead++
+        list = list (list == "" ? "" : ", ") sprintf("%.2f", q)
+      }
+      if (n) printf "| %s | %s | %.3f | %d of %d |\n", label, list, exp(logsum / n), ahead, n
+    }
     function row(test, metric, label, kind, higher_better,    d, p, h) {
       d = median(test "|direct|" metric)
       p = median(test "|portico|" metric)
@@ -645,6 +663,8 @@ fi
         add(k "cpu_per_req", 1e6 * cpu / requests)
         add(k "cpu_per_gb", 1e3 * cpu / (bytes / 1e9))
       }
+      if (target != "direct") perround[test, round, target] = (test == "bulk" ? bytes : requests) / secs
+      rounds_seen[round] = 1
       raw[++nraw] = sprintf("| %s | %s | %s | %.0f | %s | %s | %.2f | %s | %.1f µs | %s %% | %s | %s %% |",
         round, test, target, requests / secs, lat($7), lat($8), bytes * 8 / secs / 1e9,
         ($11 >= 0 ? sprintf("%.0f %%", 100 * $11 / clk / secs) : "—"),
@@ -683,6 +703,14 @@ fi
       print "\"others\" is the share of all CPU time that went to processes other than wrk, nginx and the two proxies during the run;"
       print "\"wrk + targets\" is the CPU the client and nginx used per request while that proxy carried the traffic: a proxy that"
       print "answers in larger batches lets them do more per wake-up. \"busy\" below 100 % means the run was bound by latency, not CPU."
+      print ""
+      print "Round by round (each round runs both proxies back to back, so their ratio is free of the drift between rounds):"
+      print ""
+      print "| test | Portico / haproxy per round | geometric mean | rounds Portico ahead |"
+      print "|---|---|---|---|"
+      paired("keepalive", "keep-alive requests/s")
+      paired("connclose", "connections/s")
+      paired("bulk", "bulk throughput")
       print ""
       print "<details><summary>Every measured run</summary>"
       print ""

@@ -1,10 +1,10 @@
 //! The data plane: the L4 proxy serving one load balancer's listeners, or the L7 proxy
 //! ([`http`]) serving its HTTP(S) ports.
 //!
-//! Each L4 listener runs one accept (or receive) task that owns its socket; the routing
-//! configuration reaches it as an immutable [`select::PoolSnapshot`] through a `watch`
-//! channel, so an update swaps it without stopping the socket or touching established
-//! connections. Health verdicts come from [`health`] probers shared by all listeners.
+//! Each TCP listener runs one accept loop per proxy worker ([`workers`]), each on a socket of
+//! its own, and each UDP listener one receive loop; the routing configuration reaches them as
+//! an immutable [`select::PoolSnapshot`] through a `watch` channel, so an update swaps it
+//! without stopping the sockets or touching established connections. Health verdicts come from [`health`] probers shared by all listeners.
 
 pub mod affinity;
 pub mod health;
@@ -12,6 +12,9 @@ pub mod http;
 pub mod proxy_protocol;
 pub mod select;
 pub mod source_ranges;
+mod spare_buffers;
+#[cfg(target_os = "linux")]
+mod splice;
 mod tcp;
 mod udp;
 pub mod workers;
@@ -96,8 +99,18 @@ struct RunningListener {
     name: String,
     config: watch::Sender<Arc<PoolSnapshot>>,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    /// TCP: one accept loop per proxy worker; UDP: the one receive loop.
+    tasks: Vec<JoinHandle<()>>,
     stats: Arc<Stats>,
+}
+
+impl RunningListener {
+    /// Once every loop of the listener has ended and its sockets are closed.
+    async fn stopped(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
 }
 
 /// A listener's counters with what identifies it, for metrics.
@@ -226,7 +239,7 @@ impl LoadBalancer {
             if let Some(listener) = self.listeners.remove(&key) {
                 listener.stop.cancel();
                 // Waiting lets a later apply bind the same port again straight away.
-                let _ = listener.task.await;
+                listener.stopped().await;
                 tracing::info!(lb = %self.name, protocol = %key.0, port = key.1, "listener removed");
             }
         }
@@ -250,7 +263,7 @@ impl LoadBalancer {
         }
         for listener in std::mem::take(&mut self.listeners).into_values() {
             listener.stop.cancel();
-            let _ = listener.task.await;
+            listener.stopped().await;
         }
     }
 
@@ -331,17 +344,20 @@ impl LoadBalancer {
             stop: stop.clone(),
             connections: self.connections.clone(),
         };
-        let task = match listener.protocol {
-            // On the work-stealing runtime: a TCP connection is one task copying both ways,
-            // so it wakes no other task, and stealing balances connections across threads
-            // (on the L4 benchmark, pinning them to workers measured no better).
+        let tasks = match listener.protocol {
+            // On the proxy workers, each with a socket of its own in one reuse-port group:
+            // the kernel gives every new connection to one worker, which accepts it and runs
+            // it, with its target connection, to the end. No worker is woken for another's
+            // connection and none is handed across threads (on the L4 benchmark, tokio's
+            // work-stealing runtime spent its difference in those wake-ups).
             Protocol::Tcp => {
-                let socket = tokio::net::TcpListener::from_std(tcp::bind(local)?)?;
-                tokio::spawn(tcp::serve(socket, ctx))
+                let workers = workers::get();
+                let sockets = tcp::bind_group(local, workers.count())?;
+                workers.serve_each(sockets, |socket| tcp::serve(socket, ctx.clone()))?
             }
             Protocol::Udp => {
                 let socket = udp::bind(local)?;
-                tokio::spawn(udp::serve(socket, ctx))
+                vec![tokio::spawn(udp::serve(socket, ctx))]
             }
         };
         tracing::info!(lb = %self.name, listener = %listener.name, protocol = %listener.protocol,
@@ -350,7 +366,7 @@ impl LoadBalancer {
             name: listener.name.clone(),
             config: tx,
             stop,
-            task,
+            tasks,
             stats,
         })
     }
@@ -366,7 +382,8 @@ impl Drop for LoadBalancer {
     }
 }
 
-/// What a listener task works with.
+/// What a listener task works with (a TCP listener's accept loops each have a copy).
+#[derive(Clone)]
 struct ListenerContext {
     lb: Arc<str>,
     local: SocketAddr,

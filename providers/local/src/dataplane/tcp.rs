@@ -31,6 +31,34 @@ const COPY_BUFFER: usize = 16 * 1024;
 /// A listening socket, not yet registered with any runtime: the HTTP ports hand it to the
 /// proxy workers ([`super::workers`]).
 pub(super) fn bind(local: SocketAddr) -> io::Result<std::net::TcpListener> {
+    listen(local, false)
+}
+
+/// `count` listening sockets on `local` in one `SO_REUSEPORT` group, one per proxy worker:
+/// the kernel hands each new connection to one of them by its addresses' hash.
+///
+/// The address is bound once without `SO_REUSEPORT` first, so one that another socket holds
+/// (even in a reuse-port group of its own) fails to bind as before instead of being shared
+/// with it; that also settles port 0 to one port for the whole group.
+pub(super) fn bind_group(
+    local: SocketAddr,
+    count: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    if count <= 1 {
+        return Ok(vec![listen(local, false)?]);
+    }
+    let probe = listening_socket(local)?;
+    probe.bind(&local.into())?;
+    let local = probe
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("not an internet address"))?;
+    drop(probe);
+    (0..count).map(|_| listen(local, true)).collect()
+}
+
+/// A TCP socket to bind `local` with.
+fn listening_socket(local: SocketAddr) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(local),
         Type::STREAM,
@@ -38,6 +66,14 @@ pub(super) fn bind(local: SocketAddr) -> io::Result<std::net::TcpListener> {
     )?;
     // A restarted daemon must get its ports back while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
+    Ok(socket)
+}
+
+fn listen(local: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    let socket = listening_socket(local)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     // Linux copies it to every accepted connection: one system call per listener instead of
     // one per connection.
     socket.set_tcp_nodelay(true)?;
@@ -54,6 +90,9 @@ struct Shared {
     local: SocketAddr,
     selector: Arc<Selector>,
     stats: Arc<Stats>,
+    /// This accept loop's own child of the load balancer's token: every connection waits on
+    /// it, and a token's waiters sit behind one lock, which the workers would otherwise all
+    /// take for every connection.
     connections: CancellationToken,
     /// The pool's configuration, for connections that must end when their target is drained.
     config: watch::Receiver<Arc<PoolSnapshot>>,
@@ -65,7 +104,7 @@ pub(super) async fn serve(listener: TcpListener, mut ctx: ListenerContext) {
         local: ctx.local,
         selector: ctx.selector.clone(),
         stats: ctx.stats.clone(),
-        connections: ctx.connections.clone(),
+        connections: ctx.connections.child_token(),
         config: ctx.config.clone(),
     });
     let mut pool = ctx.config.borrow_and_update().clone();
@@ -226,20 +265,117 @@ async fn pump(
     copied: &mut u64,
     one_done: &AtomicBool,
 ) -> io::Result<()> {
-    let mut buf = Vec::with_capacity(COPY_BUFFER);
+    let mut buf = super::spare_buffers::take(COPY_BUFFER);
+    let result = pump_with(&mut from, &mut to, &mut buf, copied, one_done).await;
+    super::spare_buffers::give_back(buf);
+    result
+}
+
+async fn pump_with(
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
+    buf: &mut Vec<u8>,
+    copied: &mut u64,
+    one_done: &AtomicBool,
+) -> io::Result<()> {
     loop {
         buf.clear();
-        if from.read_buf(&mut buf).await? == 0 {
-            if !one_done.swap(true, Ordering::Relaxed) {
-                // The peer may be gone already; the other direction reports that if it
-                // matters.
-                let _ = to.shutdown().await;
-            }
+        if from.read_buf(buf).await? == 0 {
+            break;
+        }
+        let ended = short_read_then_end(from, buf);
+        if matches!(ended, Ok(true)) && !one_done.swap(true, Ordering::Relaxed) {
+            write_then_end(to, buf).await?;
+            *copied += buf.len() as u64;
             return Ok(());
         }
-        to.write_all(&buf).await?;
+        to.write_all(buf).await?;
         *copied += buf.len() as u64;
+        if ended? {
+            // The other direction ended first; closing both sockets next sends the FIN.
+            return Ok(());
+        }
+        // A read that fills the buffer is a bulk transfer: the rest of this direction moves
+        // inside the kernel. Without a pipe (out of descriptors) it goes on copying.
+        #[cfg(target_os = "linux")]
+        if buf.len() == buf.capacity()
+            && let Ok(pipe) = super::splice::Pipe::new()
+        {
+            super::splice::copy(from.as_ref(), to.as_ref(), &pipe, copied).await?;
+            break;
+        }
     }
+    if !one_done.swap(true, Ordering::Relaxed) {
+        // The peer may be gone already; the other direction reports that if it matters.
+        let _ = to.shutdown().await;
+    }
+    Ok(())
+}
+
+/// After a read that did not fill `buf`: whether the peer's end of stream is already here,
+/// right behind what was read. The reader's readiness says when something (more data or the
+/// end of stream) has arrived since; only then is the socket read again, into what is left
+/// of `buf`, so that an end of stream can be passed on together with the data before it.
+/// Otherwise the answer is `false` without a system call. A read error is returned after
+/// the data is forwarded, as the next read would have returned it.
+fn short_read_then_end(from: &ReadHalf<'_>, buf: &mut Vec<u8>) -> io::Result<bool> {
+    if buf.len() == buf.capacity() {
+        return Ok(false);
+    }
+    // Polled with a waker that does nothing: the next read registers the real one.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if from.as_ref().poll_read_ready(&mut cx).is_pending() {
+        return Ok(false);
+    }
+    match from.try_read_buf(buf) {
+        Ok(n) => Ok(n == 0),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes the last of a direction's data and passes its end of stream on. On Linux the FIN
+/// rides on the last data segment (sent with `MSG_MORE`, which holds it until the shutdown
+/// pushes both): one segment, and one wake-up of the receiver, instead of two each.
+async fn write_then_end(to: &mut WriteHalf<'_>, data: &[u8]) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    send_all(to.as_ref(), data, libc::MSG_MORE).await?;
+    #[cfg(not(target_os = "linux"))]
+    to.write_all(data).await?;
+    // The peer may be gone already; the other direction reports that if it matters.
+    let _ = to.shutdown().await;
+    Ok(())
+}
+
+/// Writes all of `data` with `send(2)` flags.
+#[cfg(target_os = "linux")]
+async fn send_all(to: &TcpStream, mut data: &[u8], flags: libc::c_int) -> io::Result<()> {
+    while !data.is_empty() {
+        let sent = to.try_io(Interest::WRITABLE, || {
+            // SAFETY: a valid descriptor and a buffer of the length passed.
+            let n = unsafe {
+                libc::send(
+                    to.as_raw_fd(),
+                    data.as_ptr().cast(),
+                    data.len(),
+                    flags | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match sent {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// A connection to `target`, from `source` (any port) when given and of the same family.
@@ -322,5 +458,54 @@ async fn backoff_after_accept_error(lb: &str, local: SocketAddr, e: io::Error) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         _ => tracing::debug!(%lb, %local, error = %e, "accept failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn any_port() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    }
+
+    #[test]
+    fn a_group_shares_one_port_and_every_socket_gets_connections_of_its_own() {
+        let group = bind_group(any_port(), 2).unwrap();
+        let addr = group[0].local_addr().unwrap();
+        assert_eq!(group[1].local_addr().unwrap(), addr, "port 0 settles once");
+        let clients: Vec<_> = (0..64)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut accepted = [0; 2];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while accepted.iter().sum::<usize>() < clients.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "accepted {accepted:?}"
+            );
+            for (socket, count) in group.iter().zip(&mut accepted) {
+                while socket.accept().is_ok() {
+                    *count += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Spread by the hash of each connection's addresses: 64 connections all on one
+        // socket would take a 1 in 2^63 chance.
+        assert!(accepted.iter().all(|&n| n > 0), "accepted {accepted:?}");
+    }
+
+    #[test]
+    fn an_address_another_socket_listens_on_is_not_shared_even_if_it_allows_sharing() {
+        let theirs = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        theirs.set_reuse_port(true).unwrap();
+        theirs.bind(&any_port().into()).unwrap();
+        theirs.listen(16).unwrap();
+        let taken = theirs.local_addr().unwrap().as_socket().unwrap();
+        let err = bind_group(taken, 2).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        let err = bind_group(taken, 1).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
     }
 }

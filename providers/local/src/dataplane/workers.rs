@@ -1,16 +1,20 @@
-//! The HTTP proxy's worker threads: each runs its own single-threaded runtime, and every
-//! worker accepts from every HTTP listening socket (a duplicate descriptor of it, in its own
-//! poller). A client connection lives on one worker for its whole life, together with the
-//! upstream connections its requests use, so forwarding a request never wakes another
-//! thread. On the L7 benchmark, tokio's work-stealing runtime spent about a third more CPU
-//! per request than a single-threaded one, mostly in cross-thread wake-ups
-//! (docs/benchmarks.md).
+//! The proxies' worker threads: each runs its own single-threaded runtime, with its own
+//! poller. A connection lives on one worker for its whole life, together with the
+//! connections to targets it uses, so forwarding never wakes another thread. On the L7 and
+//! L4 benchmarks, tokio's work-stealing runtime spent more CPU per request than this,
+//! mostly in cross-thread wake-ups (docs/benchmarks.md).
 //!
-//! Whichever worker is awake accepts, so a burst of connections would pile up on one: the
-//! accepting worker hands each connection to the worker serving the fewest ([`Workers::place`]).
+//! HTTP ports: every worker accepts from the one listening socket (a duplicate descriptor
+//! of it, in its own poller). Whichever worker is awake accepts, so a burst of connections
+//! would pile up on one: the accepting worker hands each connection to the worker serving
+//! the fewest ([`Workers::place`]), since an HTTP connection's requests can be long-lived
+//! and uneven.
 //!
-//! The listening socket is bound once, without `SO_REUSEPORT`, so an address taken by
-//! another process still fails to bind instead of silently sharing its connections.
+//! TCP (L4) listeners: each worker has a socket of its own in one `SO_REUSEPORT` group
+//! ([`Workers::serve_each`]), so the kernel picks the worker of each connection and only
+//! that one wakes. Either way the address is first bound without `SO_REUSEPORT`, so an
+//! address taken by another process still fails to bind instead of silently sharing its
+//! connections.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -154,11 +158,30 @@ impl Workers {
             copies.push(listener.try_clone()?);
         }
         copies.push(listener);
-        let mut tasks = Vec::with_capacity(copies.len());
-        for (handle, copy) in self.handles.iter().zip(copies) {
+        self.serve_each(copies, serve)
+    }
+
+    /// Runs `serve` on every worker with a listening socket of its own: `listeners` holds
+    /// one per worker (non-blocking), in the workers' order. Returns one handle per worker.
+    pub fn serve_each<F, Fut>(
+        &self,
+        listeners: Vec<StdTcpListener>,
+        serve: F,
+    ) -> io::Result<Vec<JoinHandle<()>>>
+    where
+        F: Fn(tokio::net::TcpListener) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        assert_eq!(
+            listeners.len(),
+            self.handles.len(),
+            "one listener per worker"
+        );
+        let mut tasks = Vec::with_capacity(listeners.len());
+        for (handle, listener) in self.handles.iter().zip(listeners) {
             // Registered with the worker's own poller, so it must be converted there.
             let _entered = handle.enter();
-            let listener = tokio::net::TcpListener::from_std(copy)?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
             tasks.push(handle.spawn(serve(listener)));
         }
         Ok(tasks)
