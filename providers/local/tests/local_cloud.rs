@@ -763,9 +763,7 @@ async fn concurrent_connections_with_half_closes_all_complete() {
         .map(|i| {
             let source = net.client((i % 40) as u8);
             tokio::spawn(async move {
-                let socket = tokio::net::TcpSocket::new_v4().unwrap();
-                socket.bind(SocketAddr::from((source, 0))).unwrap();
-                let mut stream = socket.connect(lb).await.unwrap();
+                let mut stream = connect_from(source, lb).await.unwrap();
                 let payload = format!("payload {i} {}\n", "x".repeat(100_000));
                 stream.write_all(payload.as_bytes()).await.unwrap();
                 // Half-close: the target still answers, then closes, and the proxy passes
@@ -906,9 +904,7 @@ async fn bulk_transfers_arrive_intact_both_ways_and_are_counted() {
                 let data: Vec<u8> = (0..SIZE as u32)
                     .map(|i| ((i ^ (c << 24)).wrapping_mul(2_654_435_761) >> 11) as u8)
                     .collect();
-                let socket = tokio::net::TcpSocket::new_v4().unwrap();
-                socket.bind(SocketAddr::from((source, 0))).unwrap();
-                let stream = socket.connect(lb).await.unwrap();
+                let stream = connect_from(source, lb).await.unwrap();
                 let (mut read, mut write) = stream.into_split();
                 let sent = data.clone();
                 let writer = tokio::spawn(async move {

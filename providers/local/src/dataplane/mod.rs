@@ -4,7 +4,8 @@
 //! Each TCP listener runs one accept loop per proxy worker ([`workers`]), each on a socket of
 //! its own, and each UDP listener one receive loop; the routing configuration reaches them as
 //! an immutable [`select::PoolSnapshot`] through a `watch` channel, so an update swaps it
-//! without stopping the sockets or touching established connections. Health verdicts come from [`health`] probers shared by all listeners.
+//! without stopping the sockets or touching established connections. Health verdicts come
+//! from [`health`] probers shared by all listeners.
 
 pub mod affinity;
 pub mod health;

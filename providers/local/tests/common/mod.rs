@@ -418,14 +418,19 @@ pub struct Conn {
     pub local: SocketAddr,
 }
 
+/// A TCP connection from `source` (any port) to `dst`, given up after [`WAIT`].
+pub async fn connect_from(source: Ipv4Addr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((source, 0)))?;
+    tokio::time::timeout(WAIT, socket.connect(dst))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect"))?
+}
+
 impl Conn {
     /// Connects from `source` (any port) to `dst`.
     pub async fn open(source: Ipv4Addr, dst: SocketAddr) -> std::io::Result<Conn> {
-        let socket = TcpSocket::new_v4()?;
-        socket.bind(SocketAddr::from((source, 0)))?;
-        let stream = tokio::time::timeout(WAIT, socket.connect(dst))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect"))??;
+        let stream = connect_from(source, dst).await?;
         let local = stream.local_addr()?;
         let (r, w) = stream.into_split();
         Ok(Conn {
