@@ -40,7 +40,11 @@
 # targets share the same cores and a proxy that needs less CPU leaves more to the others.
 # Two more rows show whether a proxy makes the others work harder: the CPU wrk and nginx
 # used per request while it carried the traffic, and how busy the whole machine was (below
-# 100 %, the run was bound by latency rather than CPU).
+# 100 %, the run was bound by latency rather than CPU). A second table gives each round's
+# Portico / haproxy ratio (both ran back to back, so the ratio is free of the drift between
+# rounds), their geometric mean with a 95 % interval, and how many rounds Portico led: on a
+# 2-core machine rounds swing by ±10 %, so a difference of a few per cent means something only
+# when the interval leaves 1 out (BENCH_ROUNDS=15 BENCH_TESTS=connclose narrows it for one test).
 #
 # Other work on the machine skews such numbers, so the script watches for it: before each
 # round it waits (up to 60 s) until other processes use at most BENCH_MAX_FOREIGN % (15) of
@@ -55,7 +59,8 @@
 # BENCH_LB_PORT to a port >= 1024). Stops every process it started and removes its temporary
 # directory on exit.
 #
-# Knobs (environment): BENCH_ROUNDS (3), BENCH_DURATION (6 s per measured run; 3 rounds of
+# Knobs (environment): BENCH_ROUNDS (3), BENCH_TESTS ("keepalive connclose bulk": which
+# tests, in that order; the tables keep only their rows), BENCH_DURATION (6 s per measured run; 3 rounds of
 # 10 s would take the run past 5 minutes), BENCH_WARMUP (2 s), BENCH_MAX_FOREIGN (15 %),
 # BENCH_LB_PORT (80), BENCH_HAPROXY_SPLICE (0; 1 lets haproxy splice too), BENCH_WRK_CPU (CPU to pin wrk to; default: the last CPU when there are
 # 4 or more, unpinned on smaller machines, where pinning would only take a core away from
@@ -65,6 +70,13 @@ cd "$(dirname "$0")/.."
 root_dir=$PWD
 
 rounds=${BENCH_ROUNDS:-3}
+tests=${BENCH_TESTS:-keepalive connclose bulk}
+for test in $tests; do
+  case $test in
+    keepalive | connclose | bulk) ;;
+    *) echo "[bench-l4] error: unknown test '$test' in BENCH_TESTS (keepalive, connclose, bulk)" >&2 && exit 1 ;;
+  esac
+done
 duration=${BENCH_DURATION:-6}
 warmup=${BENCH_WARMUP:-2}
 lb_port=${BENCH_LB_PORT:-80}
@@ -554,14 +566,14 @@ for ((round = 1; round <= rounds; round++)); do
   else
     order=(direct haproxy portico)
   fi
-  for target in "${order[@]}"; do
-    run_wrk keepalive "$target" "$(url_of "$target")/" "$ka_conns"
-  done
-  for target in "${order[@]}"; do
-    run_wrk connclose "$target" "$(url_of "$target")/" "$cc_conns" -H 'Connection: close'
-  done
-  for target in "${order[@]}"; do
-    run_wrk bulk "$target" "$(url_of "$target")/1m" "$bulk_conns"
+  for test in $tests; do
+    for target in "${order[@]}"; do
+      case $test in
+        keepalive) run_wrk keepalive "$target" "$(url_of "$target")/" "$ka_conns" ;;
+        connclose) run_wrk connclose "$target" "$(url_of "$target")/" "$cc_conns" -H 'Connection: close' ;;
+        bulk) run_wrk bulk "$target" "$(url_of "$target")/1m" "$bulk_conns" ;;
+      esac
+    done
   done
 done
 elapsed=$(($(date +%s) - started))
@@ -628,18 +640,37 @@ fi
       else word = "Portico worse"
       return sprintf("%+.0f %% (%s)", d, word)
     }
-    function paired(test, label,    r, n, ahead, logsum, list, q) {
+    # The two-sided 95 % quantile of the t distribution with df degrees of freedom.
+    function t95(df) {
+      if (df < 1) return 0
+      if (df <= 30) return tq[df]
+      return 1.96
+    }
+    # The geometric mean of the per-round ratios, and a 95 % interval for it: a t interval
+    # on the logarithms, the rounds being independent pairs. An interval that lies above 1
+    # says Portico is ahead beyond the spread between rounds; one that holds 1 says level.
+    function paired(test, label,    r, n, ahead, logsum, list, q, lq, mean, ss, i, half, ci) {
       n = 0; ahead = 0; logsum = 0; list = ""
       for (r = 1; r in rounds_seen; r++) {
         if (!((test, r, "portico") in perround) || !((test, r, "haproxy") in perround)) continue
         if (perround[test, r, "haproxy"] <= 0 || perround[test, r, "portico"] <= 0) continue
         q = perround[test, r, "portico"] / perround[test, r, "haproxy"]
-        n++; logsum += log(q); if (q > 1) ahead++
+        n++; lq[n] = log(q); logsum += lq[n]; if (q > 1) ahead++
         list = list (list == "" ? "" : ", ") sprintf("%.2f", q)
       }
-      if (n) printf "| %s | %s | %.3f | %d of %d |\n", label, list, exp(logsum / n), ahead, n
+      if (!n) return
+      mean = logsum / n
+      ci = "—"
+      if (n > 1) {
+        ss = 0
+        for (i = 1; i <= n; i++) ss += (lq[i] - mean) ^ 2
+        half = t95(n - 1) * sqrt(ss / (n - 1) / n)
+        ci = sprintf("%.3f – %.3f", exp(mean - half), exp(mean + half))
+      }
+      printf "| %s | %s | %.3f | %s | %d of %d |\n", label, list, exp(mean), ci, ahead, n
     }
     function row(test, metric, label, kind, higher_better,    d, p, h) {
+      if (!count[test "|portico|" metric] && !count[test "|haproxy|" metric]) return
       d = median(test "|direct|" metric)
       p = median(test "|portico|" metric)
       h = median(test "|haproxy|" metric)
@@ -647,8 +678,12 @@ fi
         (count[test "|direct|" metric] ? fmt(kind, d) : "—"), fmt(kind, p), fmt(kind, h),
         versus(p, h, higher_better)
     }
+    BEGIN {
+      split("12.706 4.303 3.182 2.776 2.571 2.447 2.365 2.306 2.262 2.228 2.201 2.179 2.160 2.145 2.131 2.120 2.110 2.101 2.093 2.086 2.080 2.074 2.069 2.064 2.060 2.056 2.052 2.048 2.045 2.042", tq, " ")
+    }
     {
       round = $1; test = $2; target = $3; requests = $4; secs = $5 / 1e6; bytes = $6
+      ran[test] = 1
       k = test "|" target "|"
       add(k "rate", requests / secs)
       add(k "p50", $7)
@@ -673,7 +708,7 @@ fi
     END {
       print "| metric | direct to 1 target (ceiling) | Portico | haproxy | Portico vs haproxy |"
       print "|---|---|---|---|---|"
-      printf "| **keep-alive** (`-c %d`, `/`) | | | | |\n", ka
+      if ("keepalive" in ran) printf "| **keep-alive** (`-c %d`, `/`) | | | | |\n", ka
       row("keepalive", "rate", "requests/s", "rate", 1)
       row("keepalive", "p50", "latency p50", "lat", 0)
       row("keepalive", "p99", "latency p99", "lat", 0)
@@ -682,7 +717,7 @@ fi
       row("keepalive", "rest_per_req", "wrk + targets CPU per request", "us", 0)
       row("keepalive", "busy", "machine busy (% of all CPUs)", "pct", 0)
       row("keepalive", "errors", "errors", "rate", 0)
-      printf "| **connection rate** (`-c %d`, `Connection: close`) | | | | |\n", cc
+      if ("connclose" in ran) printf "| **connection rate** (`-c %d`, `Connection: close`) | | | | |\n", cc
       row("connclose", "rate", "connections/s", "rate", 1)
       row("connclose", "p50", "latency p50", "lat", 0)
       row("connclose", "p99", "latency p99", "lat", 0)
@@ -691,7 +726,7 @@ fi
       row("connclose", "rest_per_req", "wrk + targets CPU per connection", "us", 0)
       row("connclose", "busy", "machine busy (% of all CPUs)", "pct", 0)
       row("connclose", "errors", "errors", "rate", 0)
-      printf "| **bulk** (`-c %d`, `/1m`) | | | | |\n", bulk
+      if ("bulk" in ran) printf "| **bulk** (`-c %d`, `/1m`) | | | | |\n", bulk
       row("bulk", "gbit", "throughput, Gbit/s", "gbit", 1)
       row("bulk", "p99", "latency p99 (per 1 MiB)", "lat", 0)
       row("bulk", "cpu", "proxy CPU (% of one core)", "pct", 0)
@@ -706,8 +741,8 @@ fi
       print ""
       print "Round by round (each round runs both proxies back to back, so their ratio is free of the drift between rounds):"
       print ""
-      print "| test | Portico / haproxy per round | geometric mean | rounds Portico ahead |"
-      print "|---|---|---|---|"
+      print "| test | Portico / haproxy per round | geometric mean | 95 % interval | rounds Portico ahead |"
+      print "|---|---|---|---|---|"
       paired("keepalive", "keep-alive requests/s")
       paired("connclose", "connections/s")
       paired("bulk", "bulk throughput")
