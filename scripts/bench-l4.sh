@@ -59,12 +59,12 @@
 # BENCH_LB_PORT to a port >= 1024). Stops every process it started and removes its temporary
 # directory on exit.
 #
-# Knobs (environment): BENCH_ROUNDS (3), BENCH_TESTS ("keepalive connclose bulk": which
-# tests, in that order; the tables keep only their rows), BENCH_DURATION (6 s per measured run; 3 rounds of
-# 10 s would take the run past 5 minutes), BENCH_WARMUP (2 s), BENCH_MAX_FOREIGN (15 %),
-# BENCH_LB_PORT (80), BENCH_HAPROXY_SPLICE (0; 1 lets haproxy splice too), BENCH_WRK_CPU (CPU to pin wrk to; default: the last CPU when there are
-# 4 or more, unpinned on smaller machines, where pinning would only take a core away from
-# the proxy under test).
+# Knobs (environment): BENCH_ROUNDS (3), BENCH_TESTS ("keepalive connclose bulk": which tests,
+# in that order; the tables keep only their rows), BENCH_DURATION (6 s per measured run; 3
+# rounds of 10 s would take the run past 5 minutes), BENCH_WARMUP (2 s), BENCH_MAX_FOREIGN
+# (15 %), BENCH_LB_PORT (80), BENCH_HAPROXY_SPLICE (0; 1 lets haproxy splice too),
+# BENCH_WRK_CPU (CPU to pin wrk to; default: the last CPU when there are 4 or more, unpinned on
+# smaller machines, where pinning would only take a core away from the proxy under test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root_dir=$PWD
@@ -641,11 +641,7 @@ fi
       return sprintf("%+.0f %% (%s)", d, word)
     }
     # The two-sided 95 % quantile of the t distribution with df degrees of freedom.
-    function t95(df) {
-      if (df < 1) return 0
-      if (df <= 30) return tq[df]
-      return 1.96
-    }
+    function t95(df) { return df <= 30 ? tq[df] : 1.96 }
     # The geometric mean of the per-round ratios, and a 95 % interval for it: a t interval
     # on the logarithms, the rounds being independent pairs. An interval that lies above 1
     # says Portico is ahead beyond the spread between rounds; one that holds 1 says level.
@@ -670,7 +666,7 @@ fi
       printf "| %s | %s | %.3f | %s | %d of %d |\n", label, list, exp(mean), ci, ahead, n
     }
     function row(test, metric, label, kind, higher_better,    d, p, h) {
-      if (!count[test "|portico|" metric] && !count[test "|haproxy|" metric]) return
+      if (!(test in ran)) return
       d = median(test "|direct|" metric)
       p = median(test "|portico|" metric)
       h = median(test "|haproxy|" metric)
