@@ -315,7 +315,8 @@ where
         .unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        loop {
+            let (stream, _) = common::accept(&listener).await;
             tokio::spawn(serve(stream));
         }
     });

@@ -54,6 +54,19 @@ impl Net {
     }
 }
 
+/// The daemon's log, on stderr: nextest shows it for a failed test only, so a refused or
+/// reset connection comes with the data plane's reason (`RUST_LOG` overrides the level).
+fn log_to_stderr() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("portico_local_cloud=debug"));
+    // A second cloud in the same test finds the subscriber already set.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
 pub struct TestCloud {
     pub net: Net,
     pub daemon: Daemon,
@@ -81,6 +94,7 @@ impl TestCloud {
         pool: AddressPool,
         state_file: std::path::PathBuf,
     ) -> TestCloud {
+        log_to_stderr();
         let daemon = Daemon::start(DaemonConfig {
             listen: SocketAddr::from((net.ip(250), 0)),
             pool,
@@ -253,6 +267,21 @@ pub enum Greeting {
     ProxyV2,
 }
 
+/// The next connection of a test server. An accept error is logged and passed over, as a real
+/// server does: a target that stopped listening would be blamed on the load balancer.
+pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                let local = listener.local_addr().ok();
+                eprintln!("test server on {local:?}: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
 /// A TCP target that greets every connection with who it is and then echoes.
 pub struct TcpTarget {
     pub name: String,
@@ -268,9 +297,7 @@ impl TcpTarget {
         let who = name.to_string();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, peer)) = listener.accept().await else {
-                    return;
-                };
+                let (stream, peer) = accept(&listener).await;
                 let who = who.clone();
                 tokio::spawn(async move {
                     let _ = serve_target(stream, peer, &who, greeting).await;
@@ -373,9 +400,7 @@ impl HealthServer {
         let flag = healthy.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    return;
-                };
+                let (mut stream, _) = accept(&listener).await;
                 let ok = flag.load(Ordering::SeqCst);
                 tokio::spawn(async move {
                     let mut req = Vec::new();

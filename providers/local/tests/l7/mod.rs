@@ -45,9 +45,7 @@ impl HttpTarget {
         let used = used_connections.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
+                let (stream, _) = crate::common::accept(&listener).await;
                 let (who, used) = (who.clone(), used.clone());
                 tokio::spawn(async move {
                     let first = std::sync::atomic::AtomicBool::new(true);
