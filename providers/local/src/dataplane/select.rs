@@ -37,24 +37,38 @@ pub struct PoolSnapshot {
 impl PoolSnapshot {
     /// True when the target at `i` may get traffic now (what a pinned client needs to stay).
     pub fn usable(&self, i: usize) -> bool {
-        self.backends
-            .get(i)
-            .is_some_and(|b| b.health.get() == self.routable())
+        self.with_healths(|healths| healths.get(i) == Some(&routable(healths)))
     }
 
-    /// The health a target needs to be routed to: healthy when any target is, otherwise
-    /// not-yet-probed (fail open until the first verdicts). Never unhealthy: a target failing
-    /// its check (a node without local endpoints) must get nothing.
-    fn routable(&self) -> Health {
-        if self
-            .backends
-            .iter()
-            .any(|b| b.health.get() == Health::Healthy)
-        {
-            Health::Healthy
+    /// Runs `f` on one reading of every target's health, each read once, in the targets'
+    /// order. A decision made from one reading stays consistent while verdicts land: read
+    /// twice, a first probe passing (unknown to healthy) between the reads left the pick
+    /// with no target at all, and its connection was reset.
+    fn with_healths<R>(&self, f: impl FnOnce(&[Health]) -> R) -> R {
+        // Pools this size fit on the stack; larger ones (more nodes) pay one allocation.
+        const ON_STACK: usize = 64;
+        let n = self.backends.len();
+        if n <= ON_STACK {
+            let mut healths = [Health::Unknown; ON_STACK];
+            for (h, b) in healths.iter_mut().zip(&self.backends) {
+                *h = b.health.get();
+            }
+            f(&healths[..n])
         } else {
-            Health::Unknown
+            let healths: Vec<Health> = self.backends.iter().map(|b| b.health.get()).collect();
+            f(&healths)
         }
+    }
+}
+
+/// The health a target needs to be routed to: healthy when any target is, otherwise
+/// not-yet-probed (fail open until the first verdicts). Never unhealthy: a target failing
+/// its check (a node without local endpoints) must get nothing.
+fn routable(healths: &[Health]) -> Health {
+    if healths.contains(&Health::Healthy) {
+        Health::Healthy
+    } else {
+        Health::Unknown
     }
 }
 
@@ -70,24 +84,27 @@ impl Selector {
     /// the `tried` ones (earlier attempts of the same connection that failed to connect);
     /// `None` when no target may be used.
     pub fn pick(&self, pool: &PoolSnapshot, client: IpAddr, tried: &[usize]) -> Option<usize> {
-        let Some(timeout) = pool.affinity else {
-            return self.round_robin(pool, tried);
-        };
-        let now = Instant::now();
-        if !tried.is_empty() {
-            let i = self.round_robin(pool, tried)?;
-            self.affinity.pin(client, pool.backends[i].addr, now);
-            return Some(i);
-        }
-        self.affinity.choose(client, now, timeout, |pinned| {
-            let routable = pool.routable();
-            let kept = pinned.and_then(|addr| {
-                pool.backends
-                    .iter()
-                    .position(|b| b.addr == addr && b.health.get() == routable)
-            });
-            let i = kept.or_else(|| self.round_robin(pool, &[]))?;
-            Some((pool.backends[i].addr, i))
+        pool.with_healths(|healths| {
+            let Some(timeout) = pool.affinity else {
+                return self.round_robin(healths, tried);
+            };
+            let now = Instant::now();
+            if !tried.is_empty() {
+                let i = self.round_robin(healths, tried)?;
+                self.affinity.pin(client, pool.backends[i].addr, now);
+                return Some(i);
+            }
+            self.affinity.choose(client, now, timeout, |pinned| {
+                let routable = routable(healths);
+                let kept = pinned.and_then(|addr| {
+                    pool.backends
+                        .iter()
+                        .zip(healths)
+                        .position(|(b, &h)| b.addr == addr && h == routable)
+                });
+                let i = kept.or_else(|| self.round_robin(healths, &[]))?;
+                Some((pool.backends[i].addr, i))
+            })
         })
     }
 
@@ -104,30 +121,21 @@ impl Selector {
         }
     }
 
-    fn round_robin(&self, pool: &PoolSnapshot, tried: &[usize]) -> Option<usize> {
-        let routable = pool.routable();
-        let eligible =
-            |(i, b): &(usize, &Backend)| b.health.get() == routable && !tried.contains(i);
-        let count = pool.backends.iter().enumerate().filter(eligible).count();
+    /// The next of the routable targets not yet `tried`, in turn; `healths` is one reading.
+    fn round_robin(&self, healths: &[Health], tried: &[usize]) -> Option<usize> {
+        let routable = routable(healths);
+        let eligible = |(i, h): &(usize, &Health)| **h == routable && !tried.contains(i);
+        let count = healths.iter().enumerate().filter(eligible).count();
         if count == 0 {
             return None;
         }
         let nth = self.next.fetch_add(1, Ordering::Relaxed) % count;
-        let mut last = None;
-        for (k, (i, _)) in pool
-            .backends
+        healths
             .iter()
             .enumerate()
             .filter(eligible)
-            .enumerate()
-        {
-            if k == nth {
-                return Some(i);
-            }
-            last = Some(i);
-        }
-        // A verdict changed between the two passes; any eligible target will do.
-        last
+            .nth(nth)
+            .map(|(i, _)| i)
     }
 }
 
@@ -170,6 +178,18 @@ mod tests {
     }
 
     #[test]
+    fn pools_larger_than_the_stack_reading_go_round_the_same_way() {
+        let states: Vec<Health> = (0..70)
+            .map(|i| if i % 7 == 3 { Unhealthy } else { Healthy })
+            .collect();
+        let pool = pool(&states);
+        let healthy: Vec<usize> = (0..70).filter(|i| i % 7 != 3).collect();
+        let selector = Selector::default();
+        assert_eq!(picks(&selector, &pool, 60), healthy);
+        assert!(pool.usable(0) && !pool.usable(3) && !pool.usable(70));
+    }
+
+    #[test]
     fn unknown_targets_are_used_only_while_none_is_healthy() {
         let selector = Selector::default();
         let fresh = pool(&[Unknown, Unknown, Unhealthy]);
@@ -177,6 +197,30 @@ mod tests {
 
         let one_verdict = pool(&[Unknown, Healthy, Unhealthy]);
         assert_eq!(picks(&selector, &one_verdict, 3), vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn a_verdict_landing_during_a_pick_never_leaves_it_without_a_target() {
+        // The first probe passing (unknown -> healthy) as a connection arrives: whichever
+        // state the pick reads, the one target is routable.
+        let pool = Arc::new(pool(&[Unknown]));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flipper = {
+            let (pool, stop) = (pool.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    pool.backends[0].health.set(Healthy);
+                    pool.backends[0].health.set(Unknown);
+                }
+            })
+        };
+        let selector = Selector::default();
+        let empty = (0..200_000)
+            .filter(|_| selector.pick(&pool, client(1), &[]).is_none())
+            .count();
+        stop.store(true, Ordering::Relaxed);
+        flipper.join().unwrap();
+        assert_eq!(empty, 0, "picks that found no target");
     }
 
     #[test]
